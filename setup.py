@@ -1,0 +1,31 @@
+"""kvtier: semantic memory tiering for the KV caches of LLM inference servers.
+
+`pip install .` builds the cffi extension (kvtier._native, from userspace/kvtier/_native_build.py)
+and installs the commands `kvctl` and `kvtierd`.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="kvtier",
+    version="0.1.0",
+    description="Semantic memory tiering for LLM KV caches across HBM, DRAM, CXL, NVMe and a cluster tier",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    # The fixed top-level layout keeps GPU code in cuda/; it installs as kvtier.cuda.
+    package_dir={"": "userspace", "kvtier.cuda": "cuda"},
+    packages=find_packages("userspace") + ["kvtier.cuda"],
+    package_data={"kvtier": ["data/*"]},
+    setup_requires=["cffi>=1.15"],
+    cffi_modules=["userspace/kvtier/_native_build.py:ffibuilder"],
+    install_requires=["cffi>=1.15", "click>=8.1", "numpy>=1.24"],
+    extras_require={
+        "gpu": ["cuda-bindings>=12"],
+        "test": ["pytest>=7"],
+    },
+    entry_points={
+        "console_scripts": [
+            "kvctl = kvtier.cli:main",
+            "kvtierd = kvtier.daemon:main",
+        ],
+    },
+)

@@ -1,0 +1,1 @@
+"""kvtierd placeholder replaced below."""

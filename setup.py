@@ -14,13 +14,14 @@ setup(
     # The fixed top-level layout keeps GPU code in cuda/; it installs as kvtier.cuda.
     package_dir={"": "userspace", "kvtier.cuda": "cuda"},
     packages=find_packages("userspace") + ["kvtier.cuda"],
-    package_data={"kvtier": ["data/*"]},
+    package_data={"kvtier": ["data/*", "data/models/*.json"]},
     setup_requires=["cffi>=1.15"],
     cffi_modules=["userspace/kvtier/_native_build.py:ffibuilder"],
     install_requires=["cffi>=1.15", "click>=8.1", "numpy>=1.24"],
     extras_require={
         "gpu": ["cuda-bindings>=12"],
         "test": ["pytest>=7"],
+        "plot": ["matplotlib>=3.7"],  # kvctl replay --plot
     },
     entry_points={
         "console_scripts": [

@@ -17,6 +17,7 @@ from kvtier.errors import InputError
 COMMANDS = {
     "tiers": ("kvtier.cli.tiers", "tiers", "List the memory and storage tiers of this machine."),
     "size": ("kvtier.cli.size", "size", "Exact KV-cache memory for a model, and how many sessions fit per tier."),
+    "replay": ("kvtier.cli.replay", "replay", "Replay a KV-cache trace against a placement policy."),
 }
 
 
@@ -48,8 +49,9 @@ def cli():
 def run(group: click.Group, prog: str, args=None) -> int:
     """Run a click command with kvtier's error conventions; returns the exit status."""
     try:
-        group.main(args=args, prog_name=prog, standalone_mode=False)
-        return 0
+        # Without standalone mode click returns a ctx.exit(N) status instead of raising it.
+        status = group.main(args=args, prog_name=prog, standalone_mode=False)
+        return status if isinstance(status, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:

@@ -1,0 +1,299 @@
+"""kvtier's default policy: learned reuse probabilities and hit density per block class.
+
+Every offered block gets a class (block type x transition type x how often it was seen). For each class
+the policy learns online, from a ghost record of every block offered in the last W requests (resident or
+not, so declined blocks still teach it):
+
+  - how many blocks of the class were reused, in log2 buckets of their age at reuse (requests since the
+    block was last offered), and how many went W requests without reuse;
+  - from these, for a block of age a: the Beta-Bernoulli posterior probability that it is still reused
+    (prior Beta(1, 1)), and the expected residency it would cost until then (reuse time, or W).
+
+Their ratio is the block's hit density: expected hits per block-request of cache space (in the spirit of
+LHD, Beckmann et al. NSDI'18). Within a class, blocks sit in recency order, so the oldest block of each
+class is that class's candidate; the candidate with the lowest density is evicted, and an offered block
+whose own density is lower than every candidate's is declined (admission control). W is a multiple of the
+cache's turnover time, which is measured, so nothing is tuned to one trace. Counts decay so the policy
+follows a changing workload.
+
+Sessions: hints (decode, idle, finished) are kept for prefetch: an idle session whose next turn is due,
+by the gaps between its earlier turns, has its blocks suggested for prefetch. A decoding session's blocks
+are pinned by the tier stack (kvtier.policy.tiers), which takes them out of any policy's reach.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from kvtier.policy.base import Policy
+from kvtier.policy.model import BlockType, Request, Session, SessionState, Transition
+
+AGE_BUCKETS = 24          # log2 buckets of age in requests
+HORIZON_TURNOVERS = 2.0   # ghost horizon W, in cache turnover times (a structural choice, not a fit)
+PRIOR_REUSED, PRIOR_DROPPED = 1.0, 1.0
+DECAY_EVERY_REQUESTS = 2000
+REFRESH_EVERY_REQUESTS = 200
+TRANSITION_IN_CLASS = True  # transition type is part of the class (per the design)
+
+
+def _bucket(age: float) -> int:
+    return min(AGE_BUCKETS - 1, int(age).bit_length())
+
+
+class KvtierPolicy(Policy):
+    name = "kvtier"
+
+    def __init__(self, capacity_blocks: int):
+        super().__init__(capacity_blocks)
+        self._where: dict[int, tuple] = {}                    # resident block -> class
+        self._queues: dict[tuple, OrderedDict] = {}           # class -> block -> last offer (request clock)
+        self._reused: dict[tuple, list[float]] = {}           # class -> reuse counts per age bucket
+        self._dropped: dict[tuple, float] = {}                # class -> blocks not reused within W
+        self._ghost: dict[int, tuple[tuple, int]] = {}        # block -> (class, clock) for the last W requests
+        self._ghost_q: deque[tuple[int, int]] = deque()
+        self._seen: dict[int, int] = {}                       # block -> times accessed
+        self._children: dict[int, int] = {}                   # block -> first child seen (-1: several)
+        self._density: dict[tuple, float] = {}                # (class, bucket) -> cached hit density
+        self._admit_rate = 16.0                               # EMA of admissions per request
+        self._clock = 0
+        self._transition = Transition.FIRST
+        self.sessions: dict[int, Session] = {}
+        # Lower tiers of a stack see only demotions, so they score blocks with the first tier's statistics.
+        self.learner: KvtierPolicy = self
+
+    # -- learning ---------------------------------------------------------------------------------
+    @property
+    def horizon_requests(self) -> float:
+        return HORIZON_TURNOVERS * self.capacity_blocks / max(1.0, self._admit_rate)
+
+    def _reuse_stats(self, cls, age: float):
+        """(P(reused | class, age), expected residency until reuse or horizon) for a block of that age."""
+        learner = self.learner
+        counts = learner._reused.get(cls)
+        k = _bucket(age)
+        horizon = learner.horizon_requests
+        dropped = learner._dropped.get(cls, 0.0) + PRIOR_DROPPED
+        if counts is None:
+            later, wait = PRIOR_REUSED, PRIOR_REUSED * max(1.0, horizon / 2 - age)
+        else:
+            later = PRIOR_REUSED + sum(counts[k:])
+            # midpoint of bucket j is 0.75 * 2**j requests
+            wait = PRIOR_REUSED * max(1.0, horizon / 2 - age) + sum(
+                c * max(1.0, 0.75 * (1 << j) - age) for j, c in enumerate(counts[k:], k) if c)
+        total = later + dropped
+        p = later / total
+        residency = (wait + dropped * max(1.0, horizon - age)) / total
+        return p, residency
+
+    def _hit_density(self, cls, age: float) -> float:
+        key = (cls, _bucket(age))
+        v = self._density.get(key)
+        if v is None:
+            p, residency = self._reuse_stats(cls, age)
+            v = self._density[key] = p / residency
+        return v
+
+    def _learn(self, req: Request) -> None:
+        now = self._clock
+        ghost = self._ghost
+        for b in req.hash_ids:
+            g = ghost.pop(b, None)
+            if g is not None:
+                counts = self._reused.get(g[0])
+                if counts is None:
+                    counts = self._reused[g[0]] = [0.0] * AGE_BUCKETS
+                counts[_bucket(now - g[1])] += 1.0
+        limit = now - self.horizon_requests
+        q = self._ghost_q
+        while q and q[0][1] < limit:
+            b, t = q.popleft()
+            g = ghost.get(b)
+            if g is not None and g[1] == t:
+                del ghost[b]
+                self._dropped[g[0]] = self._dropped.get(g[0], 0.0) + 1.0
+        if now % DECAY_EVERY_REQUESTS == 0:
+            for counts in self._reused.values():
+                counts[:] = [c * 0.5 for c in counts]
+            for c in self._dropped:
+                self._dropped[c] *= 0.5
+        if now % REFRESH_EVERY_REQUESTS == 0:
+            self._density.clear()
+
+    # -- classification ---------------------------------------------------------------------------
+    def _classify(self, req: Request, pos: int, hit: bool) -> tuple:
+        ids = req.hash_ids
+        block = ids[pos]
+        if pos == len(ids) - 1:
+            btype = BlockType.TAIL
+        elif pos == 0 or self._children.get(block) == -1:
+            btype = BlockType.PREFIX
+        elif hit or self._seen.get(block, 0):
+            btype = BlockType.HISTORY
+        else:
+            btype = BlockType.INPUT
+        return (int(btype), int(self._transition) if TRANSITION_IN_CLASS else 0, min(self._seen.get(block, 0), 3))
+
+    # -- the Policy interface ---------------------------------------------------------------------
+    def contains(self, block):
+        return block in self._where
+
+    def __len__(self):
+        return len(self._where)
+
+    def begin_request(self, req):
+        self._clock = req.index if req.index >= 0 else self._clock + 1
+        self._learn(req)
+        ids = req.hash_ids
+        depth = 0
+        seen = self._seen
+        while depth < len(ids) and ids[depth] in seen:
+            depth += 1
+        self._transition = Transition.CONTINUE if depth >= 2 else Transition.FIRST
+        s = self.sessions.get(req.session_id)
+        if s is None and req.session_id >= 0:
+            s = self.sessions[req.session_id] = Session(req.session_id, tenant=req.tenant)
+        if s is not None:
+            if s.turns:
+                s.gaps_ms.append(req.timestamp_ms - s.last_arrival_ms)
+                del s.gaps_ms[:-8]
+            s.turns += 1
+            s.last_arrival_ms = req.timestamp_ms
+            s.state = SessionState.PREFILL
+            s.blocks = ids
+
+    def end_request(self, req, hits):
+        out = super().end_request(req, hits)
+        seen, children = self._seen, self._children
+        prev = None
+        for b in req.hash_ids:
+            seen[b] = seen.get(b, 0) + 1
+            if prev is not None:
+                c = children.get(prev)
+                if c is None:
+                    children[prev] = b
+                elif c != b:
+                    children[prev] = -1
+            prev = b
+        admitted = sum(1 for b in req.hash_ids if b in self._where)
+        self._admit_rate = 0.99 * self._admit_rate + 0.01 * admitted
+        return out
+
+    def offer(self, block, req, pos, hit):
+        cls = self._classify(req, pos, hit)
+        now = self._clock
+        self._ghost[block] = (cls, now)
+        self._ghost_q.append((block, now))
+        return self._admit(block, cls, now)
+
+    def _admit(self, block, cls, now) -> list[int]:
+        old = self._where.pop(block, None)
+        out = []
+        if old is None:
+            if self.capacity_blocks == 0:
+                return out
+            if len(self._where) >= self.capacity_blocks:
+                victim = self._victim(self._hit_density(cls, 0))
+                if victim is None:
+                    return out  # declined: every candidate is worth more than this block
+                self._drop(victim)
+                out.append(victim)
+        else:
+            del self._queues[old][block]
+        q = self._queues.get(cls)
+        if q is None:
+            q = self._queues[cls] = OrderedDict()
+        q[block] = now
+        self._where[block] = cls
+        return out
+
+    def _victim(self, floor: float = float("inf")) -> int | None:
+        """The class-head block with the lowest hit density, if lower than floor."""
+        best, best_v = None, floor
+        now = self._clock
+        for cls, q in self._queues.items():
+            if q:
+                b, t = next(iter(q.items()))
+                v = self._hit_density(cls, now - t)
+                if v < best_v:
+                    best, best_v = b, v
+        return best
+
+    def _drop(self, block) -> None:
+        cls = self._where.pop(block)
+        del self._queues[cls][block]
+
+    def remove(self, block):
+        if block not in self._where:
+            return False
+        self._drop(block)
+        return True
+
+    def pop_victim(self):
+        v = self._victim()
+        if v is not None:
+            self._drop(v)
+        return v
+
+    def export_meta(self, block):
+        cls = self._where.get(block)
+        return self._ghost.get(block) if cls is None else (cls, self._queues[cls][block])
+
+    def admit_demoted(self, block, meta, req=None) -> list[int]:
+        """A demoted block is admitted (demoted, not dropped); the lowest-density block here makes room."""
+        if meta is None:
+            meta = ((int(BlockType.HISTORY), int(Transition.CONTINUE), 1), self._clock)
+        cls, t = meta
+        out = []
+        if block not in self._where and len(self._where) >= self.capacity_blocks > 0:
+            victim = self._victim()
+            if victim is not None:
+                self._drop(victim)
+                out.append(victim)
+        return out + self._admit(block, cls, t)
+
+    # -- hints and introspection ------------------------------------------------------------------
+    def session_hint(self, session_id, state, now_ms=0.0):
+        s = self.sessions.get(session_id)
+        if s is None:
+            s = self.sessions[session_id] = Session(session_id)
+        s.state = state
+        if state == SessionState.FINISHED:
+            s.blocks = []
+
+    def prefetch_suggestions(self, limit=16, now_ms: float | None = None) -> list[int]:
+        """Blocks of idle sessions whose next turn is due (by their mean inter-turn gap), soonest first."""
+        due = []
+        for s in self.sessions.values():
+            gap = s.expected_gap_ms()
+            if s.state == SessionState.IDLE and gap is not None and s.blocks:
+                due.append((s.last_arrival_ms + gap, s.session_id, s.blocks))
+        due.sort()
+        out: list[int] = []
+        for _, _, blocks in due:
+            for b in blocks[:-1]:  # the tail block changes on the next turn
+                if b not in self._where:
+                    out.append(b)
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def explain(self, block):
+        d = super().explain(block)
+        cls = self._where.get(block)
+        if cls is None:
+            g = self._ghost.get(block)
+            if g is None:
+                return d
+            cls, t = g
+        else:
+            t = self._queues[cls][block]
+        age = self._clock - t
+        p, residency = self._reuse_stats(cls, age)
+        d.update({"block_type": BlockType(cls[0]).name.lower(), "transition": Transition(cls[1]).name.lower(),
+                  "times_seen": self._seen.get(block, 0), "age_requests": age, "reuse_probability": round(p, 4),
+                  "expected_residency_requests": round(residency, 1), "hit_density": p / residency,
+                  "horizon_requests": round(self.horizon_requests, 1)})
+        if cls is not None and block in self._where:
+            cand = self._victim()
+            if cand is not None:
+                d["next_victim_hit_density"] = self._hit_density(self._where[cand], self._clock - self._queues[self._where[cand]][cand])
+        return d

@@ -145,19 +145,53 @@ def test_multi_tier_demotes_instead_of_dropping():
     assert one["hits"] == replay_single(reqs, "lru", 50).hits
 
 
+def _assert_default_keeps_up(reqs, fractions=(0.02, 0.05, 0.10)):
+    """The default's hit rate as a fraction of OPT's is at least LRU's and ARC's less 0.02, at each capacity."""
+    n = distinct_blocks(reqs)
+    ratios = {}
+    for frac in fractions:
+        cap = max(1, int(n * frac))
+        opt = replay_single(reqs, "opt", cap).hit_rate
+        r = {p: replay_single(reqs, p, cap).hit_rate / opt for p in ("lru", "arc", "kvtier")}
+        assert r["kvtier"] <= 1.0
+        assert r["kvtier"] >= r["lru"] - 0.02, (frac, r)
+        assert r["kvtier"] >= r["arc"] - 0.02, (frac, r)
+        ratios[frac] = r
+    return ratios
+
+
 @pytest.mark.skipif(not TRACE.exists(), reason=f"bundled trace not found at {TRACE}")
-def test_bundled_trace_baselines_and_default():
+def test_bundled_trace_default_keeps_up_with_lru_and_arc():
     from kvtier.policy.trace import read_trace
 
     reqs = read_trace(TRACE)
-    n = distinct_blocks(reqs)
-    assert n == 182790
-    for frac in (0.02, 0.05):
-        cap = int(n * frac)
-        opt = replay_single(reqs, "opt", cap).hit_rate
-        lru = replay_single(reqs, "lru", cap).hit_rate
-        default = replay_single(reqs, "kvtier", cap)
-        assert lru < opt and default.hit_rate <= opt
-        assert default.hit_rate > lru  # measured ratios: see tools/bench_policy.py
-        if default.hit_rate < 0.9 * opt:
-            pytest.xfail(f"target not met: kvtier/opt = {default.hit_rate / opt:.3f} at {frac:.0%}")
+    assert distinct_blocks(reqs) == 182790
+    ratios = _assert_default_keeps_up(reqs)
+    # where the learned expert leads (small caches) the default keeps a clear lead over recency
+    assert ratios[0.02]["kvtier"] > ratios[0.02]["arc"] + 0.05, ratios[0.02]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_synthetic_default_keeps_up_with_lru_and_arc(kind):
+    _assert_default_keeps_up(generate(kind, 4000, seed=7))
+
+
+def test_default_follows_the_better_expert_and_explains():
+    """On a trace where recency wins, the default switches to a recency expert and says so."""
+    reqs = generate("agentic", 1500, seed=3)
+    cap = 150
+    policy = make_policy("kvtier", cap)
+    replay_single(reqs, "kvtier", cap, policy=policy)
+    block = next(b for b in reversed(reqs[-1].hash_ids) if policy.contains(b))
+    info = policy.explain(block)
+    assert info["decided_by"] in ("density", "lru", "arc", "s3fifo")
+    assert abs(sum(info["expert_weights"].values()) - 1.0) < 1e-3
+    leader = max(info["expert_recent_hits"], key=info["expert_recent_hits"].get)
+    recent = info["expert_recent_hits"]
+    assert recent[info["decided_by"]] >= recent[leader] / 1.05  # follows the leader, within hysteresis
+    assert policy.switches >= 1 and info["decided_by"] != "density"  # the learned expert loses here
+    # the real cache has converged to the leader's contents
+    resident = {b for r in reqs for b in r.hash_ids if policy.contains(b)}
+    held = sum(policy.explain(b)["held_by_expert"][info["decided_by"]] for b in resident)
+    assert len(resident) == cap and held >= 0.9 * len(resident)
+    assert "reuse_probability" in info["density_expert"]

@@ -6,6 +6,9 @@ Every number is measured in this run: hit rate of each policy as a fraction of O
 of the trace's distinct blocks, on the bundled Mooncake trace (default ../shared/traces/...) and on
 synthetic traces with other structure (kvtier.policy.synth); the TTFT estimate of a three-tier stack for
 the default policy against LRU; and the default policy's single-tier replay rate in blocks per second.
+`kvtier-density` is the default's learned expert alone; the default follows whichever of its experts
+(that one, LRU, ARC, S3-FIFO) has had the most hits recently; the last column is its margin over the
+better of LRU and ARC.
 """
 import argparse
 import sys
@@ -28,12 +31,15 @@ def ratio_table(name, reqs):
     n = distinct_blocks(reqs)
     print(f"\n== {name}: {len(reqs)} requests, {sum(r.blocks for r in reqs)} accesses, {n} distinct blocks")
     pols = [p for p in policy_names() if p != "opt"]
-    print(f"{'capacity':>16} {'opt_hit_rate':>12} " + " ".join(f"{p:>7}" for p in pols))
+    print(f"{'capacity':>16} {'opt_hit_rate':>12} " + " ".join(f"{p:>7}" for p in pols)
+          + f" {DEFAULT_POLICY + '-best(lru,arc)':>22}")
     for f in FRACTIONS:
         cap = max(1, int(n * f))
         opt = replay_single(reqs, "opt", cap).hit_rate
         row = [replay_single(reqs, p, cap).hit_rate / opt if opt else 0.0 for p in pols]
-        print(f"{f:>5.0%} {cap:>10} {opt:>12.4f} " + " ".join(f"{x:>7.3f}" for x in row))
+        r = dict(zip(pols, row))
+        print(f"{f:>5.0%} {cap:>10} {opt:>12.4f} " + " ".join(f"{x:>7.3f}" for x in row)
+              + f" {r[DEFAULT_POLICY] - max(r['lru'], r['arc']):>+22.3f}")
 
 
 def tier_table(name, reqs):

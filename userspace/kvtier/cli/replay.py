@@ -43,7 +43,7 @@ Examples:
 @click.option("--tiers", "tier_spec", default=None, help=TIERS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None,
-              help="Draw hit rate against capacity (1-20%% of distinct blocks) for several policies to FILE.png.")
+              help="Draw hit rate against capacity (1-20% of distinct blocks) for several policies to FILE.png.")
 def replay(trace, policy_name, capacity_blocks, tier_spec, as_json, plot_file):
     """Replay a KV-cache TRACE (Mooncake JSONL) against a placement policy."""
     from kvtier.policy.registry import policy_class

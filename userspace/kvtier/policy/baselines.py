@@ -175,7 +175,8 @@ class ARC(Policy):
             if l1 >= c:
                 if len(self.t1) < c:
                     self.b1.popitem(last=False)
-                    out.append(self._replace(False))
+                    if len(self) >= c:  # not full when a tier stack took blocks away (remove)
+                        out.append(self._replace(False))
                 else:
                     out.append(self.t1.popitem(last=False)[0])
             elif l1 + len(self.t2) + len(self.b2) >= c:

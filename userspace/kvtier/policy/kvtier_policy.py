@@ -1,4 +1,18 @@
-"""kvtier's default policy: learned reuse probabilities and hit density per block class.
+"""kvtier's default policy: a learned hit-density expert and recency experts, arbitrated online.
+
+The default policy `kvtier` (KvtierPolicy, at the end of this file) runs full shadow simulations of several
+experts on the same request stream: the learned hit-density expert described below (HitDensityPolicy,
+`kvtier-density`), LRU, ARC and S3-FIFO. Each shadow counts the hits it would have had, with exponential
+decay (half-life: a few cache turnover times, measured). The real cache follows the expert with the most
+recent hits (the leader), in the spirit of set dueling (DIP, Qureshi et al. ISCA'07) and of choosing a
+policy by miniature simulation (Waldspurger et al. ATC'17): it admits an offered block when the leader's
+shadow holds it after the offer, and when it needs room it first evicts blocks the leader no longer holds
+(the leader's victims, oldest first; after a switch, what the new leader does not hold). So when one
+expert leads for a while the real cache converges to its contents, and the default is never far behind
+the best expert on any workload, while keeping the learned expert's lead where it has one. Work per
+access is O(1) per expert (plus O(capacity) once per switch, which hysteresis keeps rare).
+
+The learned expert: learned reuse probabilities and hit density per block class.
 
 Every offered block gets a class (block type x transition type x how often it was seen). For each class
 the policy learns online, from a ghost record of every block offered in the last W requests (resident or
@@ -39,8 +53,10 @@ def _bucket(age: float) -> int:
     return min(AGE_BUCKETS - 1, int(age).bit_length())
 
 
-class KvtierPolicy(Policy):
-    name = "kvtier"
+class HitDensityPolicy(Policy):
+    """The learned expert: Beta-Bernoulli reuse probability / expected residency per block class."""
+
+    name = "kvtier-density"
 
     def __init__(self, capacity_blocks: int):
         super().__init__(capacity_blocks)
@@ -58,7 +74,7 @@ class KvtierPolicy(Policy):
         self._transition = Transition.FIRST
         self.sessions: dict[int, Session] = {}
         # Lower tiers of a stack see only demotions, so they score blocks with the first tier's statistics.
-        self.learner: KvtierPolicy = self
+        self.learner: HitDensityPolicy = self
 
     # -- learning ---------------------------------------------------------------------------------
     @property
@@ -296,4 +312,218 @@ class KvtierPolicy(Policy):
             cand = self._victim()
             if cand is not None:
                 d["next_victim_hit_density"] = self._hit_density(self._where[cand], self._clock - self._queues[self._where[cand]][cand])
+        return d
+
+
+# -- the default: online arbitration between experts ------------------------------------------------------
+
+EXPERTS = ("density", "lru", "arc", "s3fifo")   # the learned expert first: it leads until beaten
+HALF_LIFE_TURNOVERS = 4.0   # score half-life, in cache turnover times (measured, not fitted)
+SWITCH_MARGIN = 0.02        # hysteresis: a challenger must lead by this fraction of the leader's score
+
+
+class KvtierPolicy(Policy):
+    """Follow-the-leader over shadow simulations of the learned expert and recency experts (see the top)."""
+
+    name = "kvtier"
+
+    def __init__(self, capacity_blocks: int, experts: tuple[str, ...] = EXPERTS):
+        from kvtier.policy.baselines import ARC, LRU, S3FIFO
+
+        self._shadows: dict[str, Policy] = {}
+        self.density = HitDensityPolicy(capacity_blocks)
+        make = {"density": lambda c: self.density, "lru": LRU, "arc": ARC, "s3fifo": S3FIFO}
+        for e in experts:
+            self._shadows[e] = make[e](capacity_blocks)
+        self._names = list(self._shadows)
+        self._list = list(self._shadows.values())
+        super().__init__(capacity_blocks)
+        self._res: OrderedDict[int, None] = OrderedDict()   # resident blocks, least recently used first
+        self._stale: deque[int] = deque()                  # resident blocks the leader no longer holds
+        self.leader = self._names[0]
+        self._lead = self._shadows[self.leader]
+        self.scores = [0.0] * len(self._list)              # decayed hits per expert
+        self._miss_rate = 16.0                             # EMA of LRU-shadow misses (admissions) per request
+        self.switches = 0
+        self._last_switch = 0
+        self._masks: list[list[bool]] = []
+
+    # capacity changes (tier stacks shrink the working tier around pinned blocks) reach every shadow
+    @property
+    def capacity_blocks(self):
+        return self._cap
+
+    @capacity_blocks.setter
+    def capacity_blocks(self, value):
+        self._cap = value
+        for s in self._shadows.values():
+            if s.capacity_blocks != value:
+                if value < len(s):
+                    ev = s.resize(value)
+                    if s is getattr(self, "_lead", None):
+                        self._stale.extend(ev)
+                s.capacity_blocks = value
+
+    @property
+    def learner(self):
+        return self.density
+
+    @learner.setter
+    def learner(self, top):
+        self.density.learner = getattr(top, "density", top)
+
+    @property
+    def half_life_requests(self) -> float:
+        return max(8.0, HALF_LIFE_TURNOVERS * self._cap / max(1.0, self._miss_rate))
+
+    # -- the Policy interface ---------------------------------------------------------------------
+    def contains(self, block):
+        return block in self._res
+
+    def __len__(self):
+        return len(self._res)
+
+    def begin_request(self, req):
+        ids = req.hash_ids
+        decay = 0.5 ** (1.0 / self.half_life_requests)
+        scores = self.scores
+        masks = self._masks = []
+        for i, s in enumerate(self._list):
+            s.begin_request(req)
+            c = s.contains
+            m = [c(b) for b in ids]
+            masks.append(m)
+            h = sum(m)
+            scores[i] = scores[i] * decay + h
+            if s.name == "lru":
+                self._miss_rate = 0.99 * self._miss_rate + 0.01 * (len(ids) - h)
+        lead = self._names.index(self.leader)
+        best = max(range(len(scores)), key=scores.__getitem__)
+        if best != lead and scores[best] > scores[lead] * (1.0 + SWITCH_MARGIN) + 1.0:
+            self._switch(self._names[best], req.index)
+
+    def _switch(self, name: str, when: int) -> None:
+        self.leader = name
+        self._lead = lead = self._shadows[name]
+        self.switches += 1
+        self._last_switch = when
+        # what the new leader does not hold goes first when room is needed (least recently used first)
+        self._stale = deque(b for b in self._res if not lead.contains(b))
+
+    def on_hit(self, block, req, pos):
+        self._res.move_to_end(block)
+
+    def end_request(self, req, hits):
+        """Every expert sees the whole request (its own hits); then the real cache follows the leader."""
+        lead, stale = self._lead, self._stale
+        for s, m in zip(self._list, self._masks):
+            ev = s.end_request(req, m)
+            if s is lead and ev:
+                stale.extend(ev)
+        out = []
+        follow = self._follow
+        for b in req.hash_ids:
+            out.extend(follow(b))
+        return out
+
+    def offer(self, block, req, pos, hit):
+        lead = self._lead
+        for s in self._list:
+            ev = s.offer(block, req, pos, s.contains(block) if s is not self.density else hit)
+            if s is lead and ev:
+                self._stale.extend(ev)
+        return self._follow(block)
+
+    def _follow(self, block) -> list[int]:
+        res = self._res
+        if not self._lead.contains(block):
+            # the leader declined or dropped it: it stays only while there is room, first to go
+            if block in res:
+                self._stale.append(block)
+            return []
+        if block in res:
+            res.move_to_end(block)
+            return []
+        if self._cap == 0:
+            return []
+        out = []
+        while len(res) >= self._cap:
+            out.append(self._evict_one())
+        res[block] = None
+        return out
+
+    def _evict_one(self) -> int:
+        res, stale, lead = self._res, self._stale, self._lead
+        while stale:
+            v = stale.popleft()
+            if v in res and not lead.contains(v):
+                del res[v]
+                return v
+        return res.popitem(last=False)[0]  # the leader holds all of ours: least recently used goes
+
+    def remove(self, block):
+        for s in self._list:
+            s.remove(block)
+        return self._res.pop(block, 0) is None
+
+    def pop_victim(self):
+        return self._evict_one() if self._res else None
+
+    def resize(self, capacity_blocks):
+        self.capacity_blocks = max(0, capacity_blocks)
+        out = []
+        while len(self._res) > self._cap:
+            out.append(self._evict_one())
+        return out
+
+    def export_meta(self, block):
+        return self.density.export_meta(block)
+
+    def admit_demoted(self, block, meta, req=None):
+        lead = self._lead
+        for s in self._list:
+            ev = s.admit_demoted(block, meta, req)
+            if s is lead and ev:
+                self._stale.extend(ev)
+        return self._follow(block)
+
+    # -- hints and introspection ------------------------------------------------------------------
+    @property
+    def sessions(self):
+        return self.density.sessions
+
+    def session_hint(self, session_id, state, now_ms=0.0):
+        self.density.session_hint(session_id, state, now_ms)
+
+    def prefetch_suggestions(self, limit=16, now_ms: float | None = None) -> list[int]:
+        """Blocks of idle sessions whose next turn is due (by their mean inter-turn gap), soonest first."""
+        due = []
+        for s in self.density.sessions.values():
+            gap = s.expected_gap_ms()
+            if s.state == SessionState.IDLE and gap is not None and s.blocks:
+                due.append((s.last_arrival_ms + gap, s.session_id, s.blocks))
+        due.sort()
+        out: list[int] = []
+        for _, _, blocks in due:
+            for b in blocks[:-1]:  # the tail block changes on the next turn
+                if b not in self._res:
+                    out.append(b)
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def explain(self, block):
+        d = Policy.explain(self, block)
+        total = sum(self.scores) or 1.0
+        d.update({
+            "decided_by": self.leader,
+            "expert_weights": {n: round(s / total, 4) for n, s in zip(self._names, self.scores)},
+            "expert_recent_hits": {n: round(s, 1) for n, s in zip(self._names, self.scores)},
+            "held_by_expert": {n: s.contains(block) for n, s in self._shadows.items()},
+            "leader_dropped_it": block in self._res and not self._lead.contains(block),
+            "score_half_life_requests": round(self.half_life_requests, 1),
+            "switches": self.switches,
+            "density_expert": {k: v for k, v in self.density.explain(block).items()
+                               if k not in ("policy", "block", "resident")},
+        })
         return d

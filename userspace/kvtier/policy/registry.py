@@ -8,6 +8,7 @@ DEFAULT_POLICY = "kvtier"
 # name -> (module, class); imported on use
 _POLICIES = {
     "kvtier": ("kvtier.policy.kvtier_policy", "KvtierPolicy"),
+    "kvtier-density": ("kvtier.policy.kvtier_policy", "HitDensityPolicy"),  # the default's learned expert
     "lru": ("kvtier.policy.baselines", "LRU"),
     "lfu": ("kvtier.policy.baselines", "LFU"),
     "fifo": ("kvtier.policy.baselines", "FIFO"),

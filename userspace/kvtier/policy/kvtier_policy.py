@@ -275,8 +275,12 @@ class HitDensityPolicy(Policy):
         if state == SessionState.FINISHED:
             s.blocks = []
 
-    def prefetch_suggestions(self, limit=16, now_ms: float | None = None) -> list[int]:
-        """Blocks of idle sessions whose next turn is due (by their mean inter-turn gap), soonest first."""
+    def prefetch_suggestions(self, limit=16, now_ms: float | None = None, resident=None) -> list[int]:
+        """Blocks of idle sessions whose next turn is due (by their mean inter-turn gap), soonest first.
+
+        `resident(block)` says what is already in the cache (default: this policy's own contents).
+        """
+        resident = resident or self._where.__contains__
         due = []
         for s in self.sessions.values():
             gap = s.expected_gap_ms()
@@ -286,7 +290,7 @@ class HitDensityPolicy(Policy):
         out: list[int] = []
         for _, _, blocks in due:
             for b in blocks[:-1]:  # the tail block changes on the next turn
-                if b not in self._where:
+                if not resident(b):
                     out.append(b)
                     if len(out) >= limit:
                         return out
@@ -496,21 +500,8 @@ class KvtierPolicy(Policy):
         self.density.session_hint(session_id, state, now_ms)
 
     def prefetch_suggestions(self, limit=16, now_ms: float | None = None) -> list[int]:
-        """Blocks of idle sessions whose next turn is due (by their mean inter-turn gap), soonest first."""
-        due = []
-        for s in self.density.sessions.values():
-            gap = s.expected_gap_ms()
-            if s.state == SessionState.IDLE and gap is not None and s.blocks:
-                due.append((s.last_arrival_ms + gap, s.session_id, s.blocks))
-        due.sort()
-        out: list[int] = []
-        for _, _, blocks in due:
-            for b in blocks[:-1]:  # the tail block changes on the next turn
-                if b not in self._res:
-                    out.append(b)
-                    if len(out) >= limit:
-                        return out
-        return out
+        """The density expert's session model decides what is due; the real cache says what is missing."""
+        return self.density.prefetch_suggestions(limit, now_ms, resident=self._res.__contains__)
 
     def explain(self, block):
         d = Policy.explain(self, block)

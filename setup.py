@@ -17,7 +17,7 @@ setup(
     package_data={"kvtier": ["data/*", "data/models/*.json"]},
     setup_requires=["cffi>=1.15"],
     cffi_modules=["userspace/kvtier/_native_build.py:ffibuilder"],
-    install_requires=["cffi>=1.15", "click>=8.1", "numpy>=1.24"],
+    install_requires=["cffi>=1.15", "click>=8.1", "numpy>=1.24", "pyroute2>=0.9"],
     extras_require={
         "gpu": ["cuda-bindings>=12"],
         "test": ["pytest>=7"],

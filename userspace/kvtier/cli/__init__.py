@@ -18,6 +18,9 @@ COMMANDS = {
     "tiers": ("kvtier.cli.tiers", "tiers", "List the memory and storage tiers of this machine."),
     "size": ("kvtier.cli.size", "size", "Exact KV-cache memory for a model, and how many sessions fit per tier."),
     "replay": ("kvtier.cli.replay", "replay", "Replay a KV-cache trace against a placement policy."),
+    "regions": ("kvtier.cli.regions", "regions", "List kvtier.ko's KV regions (owner, tags, node, residency)."),
+    "migrate": ("kvtier.cli.migrate", "migrate", "Move a kvtier.ko region's blocks to another NUMA node."),
+    "stats": ("kvtier.cli.stats", "stats", "kvtier.ko's global and per-node counters."),
 }
 
 

@@ -1,6 +1,7 @@
 """kvctl replay: replay a Mooncake-format KV-cache trace against a placement policy."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -55,6 +56,8 @@ def replay(trace, policy_name, capacity_blocks, tier_spec, as_json, plot_file):
         raise InputError("give either --capacity-blocks or --tiers, not both")
     if capacity_blocks is not None and capacity_blocks < 0:
         raise InputError(f"--capacity-blocks must not be negative, got {capacity_blocks}")
+    if plot_file and importlib.util.find_spec("matplotlib") is None:
+        raise click.ClickException("--plot needs matplotlib: pip install 'kvtier[plot]'")
     tiers = None
     if tier_spec is not None:
         from kvtier.policy.tiers import parse_tiers

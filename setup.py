@@ -17,7 +17,9 @@ setup(
     package_data={"kvtier": ["data/*", "data/models/*.json"]},
     setup_requires=["cffi>=1.15"],
     cffi_modules=["userspace/kvtier/_native_build.py:ffibuilder"],
-    install_requires=["cffi>=1.15", "click>=8.1", "numpy>=1.24", "pyroute2>=0.9"],
+    install_requires=["cffi>=1.15", "click>=8.1", "numpy>=1.24", "pyroute2>=0.9",
+                      "zstandard>=0.22", "lz4>=4.3", "xxhash>=3.4",  # these three: kvtier.store
+                      "msgpack>=1.0", "prometheus-client>=0.17"],  # kvtierd's wire format and metrics
     extras_require={
         "gpu": ["cuda-bindings>=12"],
         "test": ["pytest>=7"],

@@ -37,7 +37,7 @@ def test_session_larger_than_every_tier():
 
 
 def test_cli_json_plan_matches_sizing(tmp_path):
-    out = subprocess.run([KVTIERD, "--model", "llama-3-8b", "--context", "8k", "--sessions", "3",
+    out = subprocess.run([KVTIERD, "--plan", "--model", "llama-3-8b", "--context", "8k", "--sessions", "3",
                           "--nvme-dir", str(tmp_path), "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
@@ -50,6 +50,6 @@ def test_cli_json_plan_matches_sizing(tmp_path):
 def test_bad_input_is_one_line_exit_2(tmp_path):
     for args in (["--model", "no-such-model"], ["--context", "0"], ["--dtype", "fp64"],
                  ["--nvme-dir", str(tmp_path / "missing")]):
-        out = subprocess.run([KVTIERD, *args], capture_output=True, text=True)
+        out = subprocess.run([KVTIERD, "--plan", *args], capture_output=True, text=True)
         assert out.returncode == 2, (args, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr

@@ -21,6 +21,14 @@ COMMANDS = {
     "regions": ("kvtier.cli.regions", "regions", "List kvtier.ko's KV regions (owner, tags, node, residency)."),
     "migrate": ("kvtier.cli.migrate", "migrate", "Move a kvtier.ko region's blocks to another NUMA node."),
     "stats": ("kvtier.cli.stats", "stats", "kvtier.ko's global and per-node counters."),
+    "status": ("kvtier.cli.status", "status", "The running kvtierd: tiers used/capacity, sessions, hit rates, policy."),
+    "sessions": ("kvtier.cli.sessions", "sessions", "The running kvtierd's sessions and where their blocks are."),
+    "blocks": ("kvtier.cli.blocks", "blocks", "Blocks held by kvtierd (filter by --session, --tier)."),
+    "explain": ("kvtier.cli.explain", "explain", "Why a block is in its tier: pins and the policy's scores."),
+    "pin": ("kvtier.cli.pin", "pin", "Pin a block or a session's blocks where they are."),
+    "unpin": ("kvtier.cli.pin", "unpin", "Unpin a block or a session's blocks."),
+    "evict": ("kvtier.cli.evict", "evict", "Demote one block a tier down now."),
+    "policy": ("kvtier.cli.policy", "policy", "Show or set kvtierd's placement policy."),
 }
 
 

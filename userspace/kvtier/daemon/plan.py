@@ -1,9 +1,5 @@
-"""kvtierd: the kvtier daemon.
-
-This release runs the daemon's start-up: discover the tiers, size the configured model, and plan where its
-sessions' KV cache would live, filling tiers in rank order (fastest first). The block-serving engine API, the
-policy loop and the NVMe cold store come with the daemon issue and start from this plan.
-"""
+"""`kvtierd --plan`: the capacity plan. Discover the tiers, size a model's KV cache and plan where its sessions
+would live, filling tiers in rank order (fastest first)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +7,6 @@ import json
 import click
 
 from kvtier import discovery
-from kvtier.cli import run
 from kvtier.cli.common import human_bytes, nvme_dirs_option, table
 from kvtier.cli.size import TokenCount
 from kvtier.sizing import DTYPES, ModelKV
@@ -33,10 +28,10 @@ def plan_sessions(tiers, bytes_per_session: int, sessions: int) -> tuple[list[di
     return rows, left
 
 
-@click.command("kvtierd", context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.command("kvtierd --plan", context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
 Examples:
-  kvtierd --model llama-3-70b --context 128k --sessions 8 --nvme-dir /var/tmp
-  kvtierd --model ./Mistral-7B-v0.1 --context 32k --dtype int8 --json
+  kvtierd --plan --model llama-3-70b --context 128k --sessions 8 --nvme-dir /var/tmp
+  kvtierd --plan --model ./Mistral-7B-v0.1 --context 32k --dtype int8 --json
 """)
 @click.option("--model", default="llama-3-8b", show_default=True,
               help="Preset name, a config.json, or a directory holding one (see kvctl size --list-presets).")
@@ -73,7 +68,3 @@ def kvtierd(model, context, sessions, dtype, block_tokens, nvme_dirs, as_json):
         click.echo(table(lines, right={0, 3, 4, 5}))
         click.echo(f"placed {sessions - unplaced} of {sessions} sessions" +
                    (f"; {unplaced} fit in no tier" if unplaced else ""))
-
-
-def main(args=None) -> None:
-    raise SystemExit(run(kvtierd, "kvtierd", args))

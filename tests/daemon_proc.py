@@ -1,0 +1,122 @@
+"""Real kvtierd processes for tests: write a config, start the daemon, wait for its socket, stop it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kvtier.client import admin_call
+
+KVTIERD = str(Path(sys.executable).parent / "kvtierd")
+KVCTL = str(Path(sys.executable).parent / "kvctl")
+
+
+def write_config(d: Path, dram="256KiB", cxl="256KiB", nvme="32MiB", policy="lru", extra="", metrics='""',
+                 backend="auto", cxl_node=0, nominal="16KiB") -> Path:
+    cfg = d / "kvtierd.toml"
+    cfg.write_text(f"""
+socket = "{d}/kvtierd.sock"
+state_dir = "{d}/state"
+policy = "{policy}"
+metrics = {metrics}
+{extra}
+[blocks]
+nominal_bytes = "{nominal}"
+[[tiers]]
+name = "dram0"
+kind = "dram"
+nodes = [0]
+capacity = "{dram}"
+backend = "{backend}"
+[[tiers]]
+name = "cxl0"
+kind = "cxl"
+nodes = [{cxl_node}]
+capacity = "{cxl}"
+backend = "{backend}"
+[[tiers]]
+name = "nvme0"
+kind = "nvme"
+directory = "{d}/state/nvme"
+capacity = "{nvme}"
+""")
+    return cfg
+
+
+def short_dir() -> Path:
+    """A directory other users can traverse (the uid tests need it), with a short path (sun_path is 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="kvd-", dir="/tmp"))
+    d.chmod(0o755)
+    return d
+
+
+class Daemon:
+    def __init__(self, directory: Path, cfg: Path, log_level="info", env=None):
+        self.dir, self.cfg = directory, cfg
+        self.socket = str(directory / "kvtierd.sock")
+        self.log = directory / "kvtierd.log"
+        self.log_level = log_level
+        self.proc = None
+        self.env = env
+
+    def start(self, timeout_s=20.0) -> "Daemon":
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([KVTIERD, "--config", str(self.cfg), "--log-level", self.log_level],
+                                     stdout=logf, stderr=logf, env={**os.environ, **(self.env or {})})
+        logf.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kvtierd exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                admin_call(self.socket, "stats")
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"kvtierd did not come up: {self.log.read_text()[-2000:]}")
+
+    def stats(self) -> dict:
+        return admin_call(self.socket, "stats")
+
+    def signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self, timeout_s=20.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def block_bytes(seed: int, nbytes: int) -> bytes:
+    """Deterministic content per block, so every get can be checked."""
+    import numpy as np
+    return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+
+
+def wait_for(pred, timeout_s=5.0, step_s=0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step_s)
+    return pred()
+
+
+__all__ = ["Daemon", "write_config", "short_dir", "block_bytes", "wait_for", "KVTIERD", "KVCTL"]

@@ -1,0 +1,345 @@
+"""kvtierd's engine API against a real daemon process: round trips through every tier, tenants, peer checks,
+malformed messages, reload, metrics, pinning of decoding sessions."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import urllib.request
+
+import msgpack
+import numpy as np
+import pytest
+
+from daemon_proc import KVTIERD, Daemon, block_bytes, short_dir, wait_for, write_config
+from kvtier.client import Client, DaemonError, admin_call
+
+BLOCK = 16 << 10
+
+
+@pytest.fixture
+def daemon_dir():
+    d = short_dir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(daemon_dir):
+    d = Daemon(daemon_dir, write_config(daemon_dir)).start()
+    yield d
+    assert d.stop() == 0, d.log.read_text()[-2000:]
+
+
+def test_round_trip_through_every_tier(daemon):
+    n = 60   # 60 x 16 KiB = 960 KiB against 256 KiB DRAM + 256 KiB CXL: most blocks spill to NVMe
+    with Client(daemon.socket, "acme") as kv:
+        sid = kv.register_session("conv")
+        arrays = [np.frombuffer(block_bytes(i, BLOCK), dtype=np.float16).reshape(8, -1) for i in range(n)]
+        assert kv.put(sid, [(1000 + i, "history", a) for i, a in enumerate(arrays)]) == n
+        where = kv.contains([1000 + i for i in range(n)])
+        assert {"dram0", "cxl0", "nvme0"} <= set(where), where
+        got = kv.get(sid, [1000 + i for i in range(n)])
+        served = kv.last_served
+        for a, g in zip(arrays, got):
+            assert g is not None and g.dtype == a.dtype and g.shape == a.shape and g.tobytes() == a.tobytes()
+        assert {"dram0", "cxl0", "nvme0"} & set(served) and "nvme0" in served, served
+        # bytes in, bytes out (uint8 views)
+        assert kv.put(sid, [(5, "prefix", block_bytes(5, 1000))]) == 1
+        assert kv.get(sid, [5])[0].tobytes() == block_bytes(5, 1000)
+        assert kv.get(sid, [999999]) == [None]
+    st = daemon.stats()
+    assert st["counters"]["demotions"] > 0 and st["counters"]["promotions"] > 0
+    assert all(t["used_bytes"] <= t["capacity_bytes"] for t in st["tiers"])
+
+
+def test_dedup_one_copy_per_prefix(daemon):
+    with Client(daemon.socket, "acme") as kv:
+        s1, s2 = kv.register_session(), kv.register_session()
+        assert kv.put(s1, [(7, "prefix", block_bytes(7, 4096))]) == 1
+        assert kv.put(s2, [(7, "prefix", block_bytes(7, 4096))]) == 0   # already stored: deduplicated
+        blocks = admin_call(daemon.socket, "blocks")["blocks"]
+        assert len(blocks) == 1 and blocks[0]["sessions"] == 2
+        assert daemon.stats()["counters"]["dedup_puts"] == 1
+        # two engines putting the same new block at once: the second finds it being written, one copy results
+        with Client(daemon.socket, "acme") as other:
+            r = kv.call("put", blocks=[[8, "prefix", 4096, None]])
+            assert r["slots"][0] is not None
+            assert other.put(None, [(8, "prefix", block_bytes(8, 4096))]) == 0
+            kv._view(*r["slots"][0])[:] = block_bytes(8, 4096)
+            assert kv.call("commit", txn=r["txn"])["stored"] == 1
+            assert other.get(None, [8])[0].tobytes() == block_bytes(8, 4096)
+
+
+def test_tenants_do_not_see_each_other(daemon):
+    with Client(daemon.socket, "alpha") as a, Client(daemon.socket, "beta") as b:
+        a.put(None, [(42, "prefix", block_bytes(1, 4096))])
+        assert a.contains([42]) == ["dram0"]
+        assert b.contains([42]) == [None]
+        assert b.get(None, [42]) == [None]
+        assert b.delete([42]) == 0
+        b.put(None, [(42, "prefix", block_bytes(2, 4096))])   # same hash, other tenant: its own block
+        assert a.get(None, [42])[0].tobytes() == block_bytes(1, 4096)
+        assert b.get(None, [42])[0].tobytes() == block_bytes(2, 4096)
+        with pytest.raises(DaemonError) as e:
+            b.hint(a.register_session(), "decoding")   # a's session is not b's
+        assert e.value.errno == errno.ENOENT
+
+
+def _as_nobody(fn):
+    """Run fn() in a child process as uid/gid 65534 with no supplementary groups; returns its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os._exit(fn())
+        except BaseException:
+            os._exit(99)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_other_uid_refused(daemon_dir):
+    # socket_mode 0666 lets the connect through the filesystem, so the daemon's own SO_PEERCRED check is tested.
+    cfg = write_config(daemon_dir, extra='group = "root"\nsocket_mode = 0o666\n[tenants.ops]\nuids = [0]')
+    d = Daemon(daemon_dir, cfg).start()
+    try:
+        def connect():
+            try:
+                Client(d.socket, "anyone")
+            except DaemonError as e:
+                return 10 if e.errno == errno.EACCES else 11
+            except OSError:
+                return 12
+            return 0
+        assert _as_nobody(connect) == 10
+        with Client(d.socket, "anyone") as kv:   # root still gets in
+            assert kv.contains([1]) == [None]
+    finally:
+        d.stop()
+    # Group nogroup (65534) may connect, but tenant "ops" is limited to uid 0.
+    cfg = write_config(daemon_dir, extra='group = "nogroup"\n[tenants.ops]\nuids = [0]')
+    os.unlink(daemon_dir / "kvtierd.log")
+    d = Daemon(daemon_dir, cfg).start()
+    try:
+        assert oct(os.stat(d.socket).st_mode & 0o777) == oct(0o660)
+
+        def bind(tenant):
+            def go():
+                try:
+                    with Client(d.socket, tenant) as kv:   # maps the memfd arenas it was passed, as uid 65534
+                        kv.put(None, [(1, "input", block_bytes(1, 8192))])
+                        if kv.get(None, [1])[0].tobytes() != block_bytes(1, 8192):
+                            return 13
+                except DaemonError as e:
+                    return 10 if e.errno == errno.EACCES else 11
+                except OSError:
+                    return 12
+                return 0
+            return go
+        assert _as_nobody(bind("guests")) == 0
+        assert _as_nobody(bind("ops")) == 10
+    finally:
+        d.stop()
+
+
+def _raw(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5)
+    s.connect(path)
+    return s
+
+
+def test_malformed_messages_get_errors_and_daemon_keeps_serving(daemon):
+    rng = np.random.default_rng(1)
+    bad = [rng.integers(0, 256, int(n), dtype=np.uint8).tobytes() for n in rng.integers(1, 300, 60)]
+    bad += [msgpack.packb(x) for x in (
+        [], 5, "hello", {"op": 5}, {"op": "nope", "id": 1}, {"op": "put", "id": 2},
+        {"op": "put", "id": 3, "blocks": "x"}, {"op": "get", "id": 4, "blocks": [[1, 2]]},
+        {"op": "hello", "id": 5, "tenant": 7}, {"op": "hello", "id": 6, "tenant": "t", "version": "x"},
+        {"op": "commit", "id": 7, "txn": "1"}, {"op": "release", "id": 8, "lease": "x"},
+        {"op": "explain", "id": 9, "block": "zz"}, {"op": "blocks", "id": 10, "limit": "all"},
+        {"op": "hint", "id": 11, "session": 1, "state": 3},
+    )]
+    bad.append(msgpack.packb({"op": "hello", "id": 1, "tenant": "t"}) + b"\xc1")   # trailing garbage
+    for payload in bad:
+        s = _raw(daemon.socket)
+        s.send(payload)
+        try:
+            reply = msgpack.unpackb(s.recv(1 << 20))
+            assert reply["ok"] is False and reply["errno"] > 0 and reply["error"], (payload, reply)
+        except (ConnectionResetError, TimeoutError):
+            pass   # closing the connection is allowed
+        s.close()
+    # an authenticated client sending nonsense ops: errors, and the same connection keeps working
+    with Client(daemon.socket, "acme") as kv:
+        for fields in ({"blocks": [[1, "weird", 10, None]]}, {"blocks": [[1, "input", -5, None]]},
+                       {"blocks": [[1, "input", 1 << 40, None]]}, {"blocks": [[-5, "input", 10, None]]},
+                       {"blocks": [[b"x" * 100, "input", 10, None]]}):
+            with pytest.raises(DaemonError) as e:
+                kv.call("put", **fields)
+            assert e.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as e:   # over the message size: refused by the kernel or the daemon
+            kv.call("get", blocks=list(range(70000)))
+        assert e.value.errno in (errno.EMSGSIZE, errno.E2BIG)
+        with pytest.raises(DaemonError) as e:
+            kv.call("contains", blocks=[1] * 70000)
+        assert e.value.errno == errno.E2BIG
+        kv.put(None, [(1, "input", b"abc")])
+        assert kv.get(None, [1])[0].tobytes() == b"abc"
+    # a message over the size limit: refused (the socket may close), daemon alive
+    s = _raw(daemon.socket)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    try:
+        s.send(b"\x00" * ((1 << 20) + 100))
+    except OSError as e:
+        assert e.errno == errno.EMSGSIZE   # the kernel refused a datagram over the socket buffer
+    else:
+        try:
+            assert msgpack.unpackb(s.recv(1 << 20))["errno"] == errno.EMSGSIZE
+        except ConnectionResetError:
+            pass
+    s.close()
+    assert daemon.alive() and daemon.stats()["blocks"] >= 1
+
+
+def test_sighup_reloads_config_and_keeps_old_on_error(daemon_dir):
+    cfg = write_config(daemon_dir, policy="lru")
+    d = Daemon(daemon_dir, cfg).start()
+    try:
+        with Client(d.socket, "acme") as kv:
+            kv.put(None, [(i, "history", block_bytes(i, 16 << 10)) for i in range(10)])
+        cfg.write_text(cfg.read_text().replace('policy = "lru"', 'policy = "lfu"').replace('"256KiB"', '"64KiB"', 1))
+        d.signal(signal.SIGHUP)
+        assert wait_for(lambda: d.stats()["policy"] == "lfu")
+        st = d.stats()
+        assert st["tiers"][0]["capacity_bytes"] == 64 << 10 and st["tiers"][0]["used_bytes"] <= 64 << 10
+        cfg.write_text(cfg.read_text().replace('policy = "lfu"', 'policy = "no-such"'))
+        d.signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload failed" in d.log.read_text())
+        assert d.stats()["policy"] == "lfu" and d.alive()
+        with Client(d.socket, "acme") as kv:
+            assert [g.tobytes() for g in kv.get(None, range(10))] == [block_bytes(i, 16 << 10) for i in range(10)]
+    finally:
+        assert d.stop() == 0
+
+
+def test_metrics_endpoint_serves_the_families(daemon_dir):
+    cfg = write_config(daemon_dir, metrics='"127.0.0.1:0"')
+    d = Daemon(daemon_dir, cfg).start()
+    try:
+        with Client(d.socket, "acme") as kv:
+            kv.put(None, [(i, "history", block_bytes(i, 16 << 10)) for i in range(40)])
+            kv.get(None, list(range(45)))
+        port = d.stats()["metrics_port"]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for family in ("kvtier_tier_capacity_bytes{", "kvtier_tier_used_bytes{", "kvtier_hits_total{tier=",
+                       "kvtier_misses_total", "kvtier_bytes_moved_total{", "kvtier_api_latency_seconds_bucket{",
+                       "kvtier_put_bytes_total"):
+            assert family in text, family
+        misses = [line for line in text.splitlines() if line.startswith("kvtier_misses_total")]
+        assert float(misses[0].split()[-1]) >= 5
+    finally:
+        d.stop()
+
+
+def test_decoding_session_blocks_never_evicted(daemon):
+    with Client(daemon.socket, "acme") as kv:
+        hot = kv.register_session("decoding")
+        kv.put(hot, [(i, "history", block_bytes(i, 16 << 10)) for i in range(4)])
+        kv.hint(hot, "decoding")
+        other = kv.register_session("churn")
+        for r in range(5):   # 5 x 40 blocks through a 256 KiB first tier
+            kv.put(other, [(1000 + 40 * r + i, "input", block_bytes(i, 16 << 10)) for i in range(40)])
+            kv.get(other, [1000 + 40 * r + i for i in range(0, 40, 3)])
+        assert kv.contains(range(4)) == ["dram0"] * 4
+        moved = {m["block"] for m in admin_call(daemon.socket, "moves", limit=5000)["moves"]
+                 if m["reason"] not in ("pin", "unpin", "decoding")}
+        mine = {b["block"] for b in admin_call(daemon.socket, "blocks", session=hot)["blocks"]}
+        assert len(mine) == 4 and not (mine & moved)
+        shared = 1000 + 40 * 4 + 39   # a block of the other session, taken on while decoding: pinned too
+        kv.get(hot, [shared])
+        assert daemon.stats()["pinned_blocks"] == 5
+        kv.hint(hot, "idle")   # back to the policy: now it may move
+        assert daemon.stats()["pinned_blocks"] == 0
+        kv.put(other, [(5000 + i, "input", block_bytes(i, 16 << 10)) for i in range(40)])
+        assert kv.contains(range(4)) != ["dram0"] * 4
+
+
+def test_config_errors_name_the_key(daemon_dir):
+    cases = {'policy = "nope"': "policy", 'bogus = 1': "bogus", '[[tiers]]\nkind = "tape"\ncapacity = 1': "kind",
+             '[[tiers]]\nkind = "dram"\ncapacity = "lots"': "capacity", 'metrics = "nohost"': "metrics",
+             'group = "no-such-group-x"': "group"}
+    for text, key in cases.items():
+        p = daemon_dir / "bad.toml"
+        p.write_text(text + "\n")
+        out = subprocess.run([KVTIERD, "--config", str(p), "--check"], capture_output=True, text=True)
+        assert out.returncode == 2, (text, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1 and key in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([KVTIERD, "--config", str(write_config(daemon_dir)), "--check"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and '"policy": "lru"' in out.stdout
+
+
+def test_durable_put_survives_sigterm_and_restart(daemon_dir):
+    d = Daemon(daemon_dir, write_config(daemon_dir)).start()
+    try:
+        with Client(d.socket, "acme") as kv:
+            kv.put(None, [(i, "prefix", block_bytes(i, 4096)) for i in range(5)], durable=True)
+            kv.put(None, [(100, "input", block_bytes(100, 4096))])   # memory only
+        assert d.stop() == 0 and not os.path.exists(d.socket)
+        d.start()
+        with Client(d.socket, "acme") as kv:
+            assert [g.tobytes() for g in kv.get(None, range(5))] == [block_bytes(i, 4096) for i in range(5)]
+            assert kv.get(None, [100]) == [None]   # memory tiers are a cache: not persisted
+    finally:
+        d.stop()
+
+
+def test_systemd_notify_ready_watchdog_stopping(daemon_dir):
+    sock_path = str(daemon_dir / "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(sock_path)
+    s.settimeout(10)
+    d = Daemon(daemon_dir, write_config(daemon_dir), env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"})
+    d.start()
+    try:
+        got = [s.recv(4096).decode() for _ in range(3)]
+        assert got[0].startswith("READY=1") and "WATCHDOG=1" in got[1:]
+    finally:
+        assert d.stop() == 0
+    rest = []
+    while True:
+        try:
+            rest.append(s.recv(4096).decode())
+        except TimeoutError:
+            break
+        if rest[-1].startswith("STOPPING=1"):
+            break
+    assert rest and rest[-1].startswith("STOPPING=1")
+    s.close()
+
+
+def test_embedded_default_without_config(daemon_dir):
+    if os.path.exists("/etc/kvtier/kvtierd.toml"):
+        pytest.skip("this machine has a system config, which kvtierd would read instead of the embedded default")
+    env = {**os.environ, "KVTIER_STATE_DIR": str(daemon_dir / "state"), "KVTIER_SOCKET": str(daemon_dir / "d.sock")}
+    log = open(daemon_dir / "default.log", "wb")
+    p = subprocess.Popen([KVTIERD, "--metrics", ""], env=env, stdout=log, stderr=log)
+    try:
+        assert wait_for(lambda: os.path.exists(daemon_dir / "d.sock"), 20)
+        with Client(str(daemon_dir / "d.sock"), "acme") as kv:
+            kv.put(None, [(1, "prefix", block_bytes(1, 1 << 20))], durable=True)
+            assert kv.get(None, [1])[0].tobytes() == block_bytes(1, 1 << 20)
+        out = subprocess.run([KVTIERD.replace("kvtierd", "kvctl"), "status", "--json"], env=env,
+                             capture_output=True, text=True)
+        st = __import__("json").loads(out.stdout)
+        assert [t["kind"] for t in st["tiers"]] == ["dram", "nvme"] and st["config"] == "(embedded default)"
+        assert os.path.isdir(daemon_dir / "state" / "nvme") and st["tiers"][1]["blocks"] == 1
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0

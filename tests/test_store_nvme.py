@@ -1,0 +1,293 @@
+"""kvtier.store.NvmeTier: round trips per codec, capacity, corruption, torn index, disk full, EACCES."""
+import errno
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import numpy as np
+import pytest
+
+from kvtier.store import ChecksumError, Codec, ErrorBoundExceeded, KVLayout, NvmeTier
+from kvtier.store.nvme import DATA_FILE, LOG_FILE, REC_BYTES
+
+from test_store_codec import kv_block
+
+PY = sys.executable
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+@pytest.fixture
+def store_dir():
+    # /var/tmp is ext4 here (O_DIRECT works); pytest's tmp_path may be elsewhere
+    d = tempfile.mkdtemp(prefix="kvtier-nvme-", dir="/var/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("codec", [None, Codec("zstd", level=3), Codec("lz4")], ids=["none", "zstd", "lz4"])
+def test_round_trip_reopen(store_dir, codec):
+    rng = random.Random(1)
+    layout = KVLayout("fp16", 64, 8, 64)
+    blobs = {key(i): (kv_block(layout, i) if i % 2 else rng.randbytes(rng.randrange(1, 200_000)))
+             for i in range(12)}
+    t = NvmeTier("nvme0", store_dir, 64 << 20, codec=codec)
+    assert t.stats()["io_mode"] == "direct"
+    stored = {k: t.put(k, v) for k, v in blobs.items()}
+    if codec is not None and codec.kind == "zstd":  # KV-like fp16 compresses a little with zstd
+        assert stored[key(1)] < len(blobs[key(1)])
+    for k, v in blobs.items():
+        assert t.get(k) == v
+    t.put(key(0), b"replaced")
+    t.delete(key(2))
+    t.close()
+    t = NvmeTier("nvme0", store_dir, 64 << 20, codec=codec)
+    try:
+        assert t.stats()["recovered_blocks"] == 11
+        assert t.get(key(0)) == b"replaced" and not t.contains(key(2))
+        for i in range(3, 12):
+            out = bytearray(len(blobs[key(i)]))
+            assert t.get_into(key(i), out) == len(out) and bytes(out) == blobs[key(i)]
+    finally:
+        t.close()
+
+
+def test_quantising_tier_reports_error_and_refuses_over_bound(store_dir):
+    layout = KVLayout("bf16", 32, 4, 64)
+    data = kv_block(layout, 5)
+    t = NvmeTier("nvme0", store_dir, 16 << 20, codec=Codec("int8", error_bound=0.02))
+    stored = t.put(key(1), data, layout=layout)
+    assert stored < len(data) * 0.6
+    back = t.get(key(1))
+    from kvtier.store import measure_error
+    err = measure_error(data, back, layout)
+    s = t.stats()
+    assert s["quantised_blocks"] == 1 and 0 < s["quant_rel_rms_max"] <= 0.02
+    assert s["quant_rel_rms_max"] == pytest.approx(err["rel_rms"])
+    t.close()
+    t = NvmeTier("nvme0", store_dir, 16 << 20, codec=Codec("int4", error_bound=0.001))
+    with pytest.raises(ErrorBoundExceeded):
+        t.put(key(2), data, layout=layout)
+    assert not t.contains(key(2)) and t.stats()["quant_refused"] == 1
+    t.put(key(2), data, lossless=True)  # the caller's fallback
+    assert t.get(key(2)) == data
+    assert t.get(key(1)) == back  # an int8 block decodes under a tier now configured int4
+    t.close()
+
+
+def test_capacity_never_exceeded_under_churn(store_dir):
+    cap = 2 << 20
+    t = NvmeTier("nvme0", store_dir, cap, fsync=False, compact_min_records=100)
+    rng = random.Random(3)
+    live, full = {}, 0
+    for _ in range(1500):
+        if live and rng.random() < 0.3:
+            k = rng.choice(list(live))
+            assert t.delete(k)
+            del live[k]
+            continue
+        k = key(rng.randrange(100))
+        data = rng.randbytes(rng.choice([100, 4096, 5000, 70_000, 300_000]))
+        try:
+            t.put(k, data)
+            live[k] = data
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+            full += 1
+        assert t.used_bytes <= cap
+    assert full > 0
+    assert os.path.getsize(os.path.join(store_dir, DATA_FILE)) <= cap
+    assert t.stats()["compactions"] >= 1  # 1500 ops on <= 100 keys: the log was compacted
+    t.close()
+    t = NvmeTier("nvme0", store_dir, cap)
+    assert t.used_bytes <= cap and set(t.keys()) == set(live)
+    for k, v in live.items():
+        assert t.get(k) == v
+    t.close()
+
+
+def test_corrupt_data_detected_dropped_and_stays_dropped(store_dir):
+    t = NvmeTier("nvme0", store_dir, 8 << 20, codec=Codec("zstd"))
+    t.put(key(1), b"a" * 50_000 + os.urandom(1000))
+    t.put(key(2), os.urandom(20_000))
+    off = t.block_info(key(2))["offset"]
+    t.close()
+    with open(os.path.join(store_dir, DATA_FILE), "r+b") as f:
+        f.seek(off + 777)
+        b = f.read(1)
+        f.seek(off + 777)
+        f.write(bytes([b[0] ^ 0x40]))
+    t = NvmeTier("nvme0", store_dir, 8 << 20, codec=Codec("zstd"))
+    with pytest.raises(ChecksumError) as info:
+        t.get(key(2))
+    assert info.value.errno == errno.EIO and not t.contains(key(2))
+    assert t.stats()["checksum_failures"] == 1
+    assert t.get(key(1))[:10] == b"a" * 10
+    t.close()
+    t = NvmeTier("nvme0", store_dir, 8 << 20)  # the drop was logged: never served again
+    assert not t.contains(key(2)) and t.contains(key(1))
+    t.close()
+
+
+def test_torn_index_tail_ignored(store_dir):
+    t = NvmeTier("nvme0", store_dir, 8 << 20)
+    for i in range(5):
+        t.put(key(i), bytes([i]) * 10_000)
+    t.close()
+    log = os.path.join(store_dir, LOG_FILE)
+    size = os.path.getsize(log)
+    assert size == 5 * REC_BYTES
+    with open(log, "r+b") as f:  # the last record half-written, then garbage
+        f.truncate(size - REC_BYTES // 2)
+    t = NvmeTier("nvme0", store_dir, 8 << 20)
+    assert sorted(t.keys()) == [key(i) for i in range(4)]
+    assert t.stats()["recovery_torn_records"] == 1
+    assert os.path.getsize(log) == 4 * REC_BYTES  # the torn tail was cut: new records follow good ones
+    t.put(key(9), b"after")
+    t.close()
+    with open(log, "ab") as f:
+        f.write(os.urandom(REC_BYTES))
+    t = NvmeTier("nvme0", store_dir, 8 << 20)
+    assert t.get(key(9)) == b"after" and t.get(key(3)) == b"\3" * 10_000
+    t.close()
+
+
+def test_record_pointing_outside_the_file_dropped(store_dir):
+    t = NvmeTier("nvme0", store_dir, 8 << 20)
+    t.put(key(1), b"x" * 10_000)
+    t.put(key(2), b"y" * 10_000)
+    t.close()
+    os.truncate(os.path.join(store_dir, DATA_FILE), 8192)  # block 2's data lost
+    t = NvmeTier("nvme0", store_dir, 8 << 20)
+    assert t.contains(key(1)) is False or t.get(key(1)) == b"x" * 10_000
+    assert not t.contains(key(2)) and t.stats()["recovery_dropped_blocks"] >= 1
+    t.close()
+
+
+def test_second_opener_refused(store_dir):
+    t = NvmeTier("nvme0", store_dir, 1 << 20)
+    with pytest.raises(OSError) as info:
+        NvmeTier("nvme0", store_dir, 1 << 20)
+    assert info.value.errno == errno.EBUSY
+    t.close()
+
+
+_FSIZE_CHILD = textwrap.dedent("""
+    import resource, signal, sys, errno
+    from kvtier.store import NvmeTier
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    t = NvmeTier("nvme0", sys.argv[1], 64 << 20)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (299_008, 299_008))  # 4 KiB aligned: the next O_DIRECT write gets EFBIG
+    acked = []
+    for i in range(100):
+        try:
+            t.put(i.to_bytes(16, "little"), bytes([i]) * 50_000)
+            acked.append(i)
+        except OSError as e:
+            print("ERR", e.errno, len(acked), t.used_bytes, flush=True)
+            break
+    # the store still works after the error: deletes, smaller puts in freed space
+    t.delete((0).to_bytes(16, "little")); acked.remove(0)
+    t.put((0).to_bytes(16, "little"), b"small"); acked.append(0)
+    print("ACKED", *acked, flush=True)
+""")
+
+
+def test_file_size_limit_gives_error_not_corruption(store_dir):
+    p = subprocess.run([PY, "-c", _FSIZE_CHILD, store_dir], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    err_line = next(line for line in p.stdout.splitlines() if line.startswith("ERR"))
+    _, code, n_acked, used = err_line.split()
+    assert int(code) == errno.EFBIG and int(n_acked) >= 3
+    acked = [int(x) for x in p.stdout.split("ACKED")[1].split()]
+    t = NvmeTier("nvme0", store_dir, 64 << 20)
+    assert sorted(int.from_bytes(k, "little") for k in t.keys()) == sorted(acked)
+    for i in acked:
+        assert t.get(key(i)) == (b"small" if i == 0 else bytes([i]) * 50_000)
+    t.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged uid")
+def test_unwritable_directory_eacces(store_dir):
+    os.chmod(store_dir, 0o755)
+    ro = os.path.join(store_dir, "ro")
+    os.mkdir(ro, 0o500)
+    child = textwrap.dedent("""
+        import os, sys
+        from kvtier.store import NvmeTier  # import first: the venv may not be readable by nobody
+        os.setgid(65534); os.setuid(65534)
+        for d in (sys.argv[1], sys.argv[1] + "/sub"):
+            try:
+                NvmeTier("nvme0", d, 1 << 20)
+            except OSError as e:
+                print(e.errno, e)
+            else:
+                print("opened")
+    """)
+    p = subprocess.run([PY, "-c", child, ro], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert line.startswith(f"{errno.EACCES} ") and "nvme0" in line, line
+    assert os.listdir(ro) == []
+
+
+def test_buffered_fallback_on_tmpfs():
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    d = tempfile.mkdtemp(prefix="kvtier-nvme-", dir="/dev/shm")
+    try:
+        t = NvmeTier("nvme0", d, 1 << 20)
+        s = t.stats()
+        if s["io_mode"] == "direct":
+            pytest.skip("this tmpfs accepts O_DIRECT (Linux >= 6.6)")
+        assert "O_DIRECT" in s["io_note"]
+        t.put(key(1), b"z" * 5000)
+        assert t.get(key(1)) == b"z" * 5000
+        t.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_buffered_mode_when_asked(store_dir):
+    t = NvmeTier("nvme0", store_dir, 1 << 20, direct=False)
+    assert t.stats()["io_mode"] == "buffered" and t.stats()["io_note"]
+    t.put(key(1), b"q" * 9000)
+    t.close()
+    t = NvmeTier("nvme0", store_dir, 1 << 20)  # the same files reopen with O_DIRECT
+    assert t.get(key(1)) == b"q" * 9000
+    t.close()
+
+
+def test_concurrent_threads(store_dir):
+    import threading
+    t = NvmeTier("nvme0", store_dir, 32 << 20, fsync=False)
+    errors = []
+
+    def worker(w):
+        rng = random.Random(w)
+        try:
+            for i in range(60):
+                k = key(w * 1000 + i % 10)
+                data = rng.randbytes(rng.choice([100, 10_000, 100_000]))
+                t.put(k, data)
+                assert t.get(k) == data
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert len(t) == 40 and t.used_bytes <= 32 << 20
+    t.close()

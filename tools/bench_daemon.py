@@ -1,0 +1,301 @@
+"""kvtierd's engine API throughput and overheads, as ratios to baselines measured in the same run.
+
+  1. put/get of one block through the API (client library, zero-copy: the client writes into / copies out of the
+     daemon's memfd arena) for 64 KiB..64 MiB blocks, vs a numpy copy of the same bytes between two buffers.
+     put = reserve + client write + commit (the daemon checksums the block); get = lookup + client copy + release.
+  2. per-op overhead for small (64-byte) blocks: one block per call, and per block in batches of 256.
+  3. NVMe spill (put durable=True: written through with O_DIRECT and fdatasync) and fill (get of a block that is
+     only on NVMe) vs dd with O_DIRECT of the same size on the same filesystem.
+  4. contains() lookups per second with N stored blocks, and the daemon's memory per stored block
+     (anonymous RSS delta / blocks: the index, policy state and allocator; block bytes are in the arena).
+
+    .venv/bin/python tools/bench_daemon.py [--keys 1000000] [--max-mib 64] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kvtier.client import Client, admin_call
+
+
+def rss(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssShmem:", "VmRSS:")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def best(fn, repeat: int) -> float:
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def start_daemon(d: Path, dram: str, nvme: str, policy: str = "lru") -> tuple[subprocess.Popen, str]:
+    cfg = d / "bench.toml"
+    cfg.write_text(f"""
+socket = "{d}/s"
+state_dir = "{d}"
+metrics = ""
+policy = "{policy}"
+[blocks]
+min_bytes = 1
+max_bytes = "256MiB"
+nominal_bytes = 64
+[[tiers]]
+name = "dram0"
+kind = "dram"
+capacity = "{dram}"
+[[tiers]]
+name = "nvme0"
+kind = "nvme"
+directory = "{d}/nvme"
+capacity = "{nvme}"
+""")
+    log = open(d / "kvtierd.log", "wb")
+    p = subprocess.Popen([str(Path(sys.executable).parent / "kvtierd"), "--config", str(cfg), "--log-level",
+                          "warning"], stdout=log, stderr=log)
+    sock = f"{d}/s"
+    for _ in range(400):
+        try:
+            admin_call(sock, "stats")
+            return p, sock
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(open(d / "kvtierd.log").read())
+
+
+def stop(p):
+    p.send_signal(signal.SIGTERM)
+    p.wait(60)
+
+
+def bench_throughput(sock: str, max_mib: int) -> list[dict]:
+    rows = []
+    key = [10_000_000]
+    with Client(sock, "bench") as kv:
+        size = 64 << 10
+        while size <= max_mib << 20:
+            src = np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8)
+            dst = np.empty_like(src)
+            repeat = max(5, min(200, (256 << 20) // size))
+            memcpy_s = best(lambda: np.copyto(dst, src), repeat)
+
+            def put(wait=True):
+                key[0] += 1
+                kv.put(None, [(key[0], "input", src)], wait=wait)
+            # first touch of the arena's pages happens once, in the warm-up rounds
+            stream = max(4, min(64, (192 << 20) // size))
+
+            def put_stream() -> float:
+                first = key[0] + 1
+                t = time.perf_counter()
+                for _ in range(stream):
+                    put(wait=False)
+                kv.flush()
+                dt = (time.perf_counter() - t) / stream
+                kv.delete(list(range(first, key[0] + 1)))
+                return dt
+            put_stream()
+            stream_s = min(put_stream() for _ in range(3))
+            put_ts = []
+            for _ in range(repeat):
+                t = time.perf_counter()
+                put()
+                put_ts.append(time.perf_counter() - t)
+                kv.delete([key[0]])
+            put()
+            k = key[0]
+            out = [dst]
+            get_s = best(lambda: kv.get(None, [k], out=out), repeat)
+            assert np.array_equal(dst, src)
+            kv.delete([k])
+            put_s = min(put_ts)
+            rows.append({"block_bytes": size, "memcpy_gbps": size / memcpy_s / 1e9, "put_gbps": size / put_s / 1e9,
+                         "put_stream_gbps": size / stream_s / 1e9, "put_stream_ratio": memcpy_s / stream_s,
+                         "get_gbps": size / get_s / 1e9, "put_ratio": memcpy_s / put_s, "get_ratio": memcpy_s / get_s,
+                         "put_us": put_s * 1e6, "get_us": get_s * 1e6, "memcpy_us": memcpy_s * 1e6})
+            size *= 4 if size < (1 << 20) else 2
+    return rows
+
+
+def bench_small(sock: str) -> dict:
+    with Client(sock, "bench") as kv:
+        payload = b"x" * 64
+        n = 3000
+        base = 20_000_000
+        t = time.perf_counter()
+        for i in range(n):
+            kv.put(None, [(base + i, "input", payload)])
+        put1 = (time.perf_counter() - t) / n
+        t = time.perf_counter()
+        for i in range(n):
+            kv.put(None, [(base + 50_000 + i, "input", payload)], wait=False)
+        kv.flush()
+        put_async = (time.perf_counter() - t) / n
+        kv.delete([base + 50_000 + i for i in range(n)])
+        t = time.perf_counter()
+        for i in range(n):
+            kv.get(None, [base + i])
+        get1 = (time.perf_counter() - t) / n
+        t = time.perf_counter()
+        for i in range(n):
+            kv.contains([base + i])
+        cont1 = (time.perf_counter() - t) / n
+        batch = 256
+        t = time.perf_counter()
+        for j in range(0, n * 4, batch):
+            kv.put(None, [(base + 100_000 + j + i, "input", payload) for i in range(batch)])
+        putb = (time.perf_counter() - t) / (n * 4)
+        t = time.perf_counter()
+        for j in range(0, n * 4, batch):
+            kv.get(None, [base + 100_000 + j + i for i in range(batch)])
+        getb = (time.perf_counter() - t) / (n * 4)
+        kv.delete([base + i for i in range(n)] + [base + 100_000 + i for i in range(n * 4)])
+    return {"put_us_per_op": put1 * 1e6, "put_pipelined_us_per_op": put_async * 1e6, "get_us_per_op": get1 * 1e6,
+            "contains_us_per_op": cont1 * 1e6,
+            "put_us_per_block_batch256": putb * 1e6, "get_us_per_block_batch256": getb * 1e6}
+
+
+def dd(args: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(["dd", *args, "status=none"], check=True)
+    return time.perf_counter() - t
+
+
+def bench_nvme(sock: str, d: Path, pid: int) -> list[dict]:
+    rows = []
+    with Client(sock, "bench") as kv:
+        for size in (1 << 20, 8 << 20, 32 << 20):
+            count = max(4, (128 << 20) // size)
+            src = np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8)
+            base = 30_000_000 + size
+            kv.put(None, [(base - 1, "input", src)], durable=True)   # warm-up
+            t = time.perf_counter()
+            for i in range(count):
+                kv.put(None, [(base + i, "input", src)], durable=True)
+            spill_s = (time.perf_counter() - t) / count
+            # drop the memory copies (evict to NVMe: they are durable, so only the memory copy goes)
+            for i in range(count):
+                for b in admin_call(sock, "blocks", tier="dram0", limit=50)["blocks"]:
+                    admin_call(sock, "evict", block=b["block"])
+            subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+            out = [np.empty_like(src)]
+            t = time.perf_counter()
+            n_fill = 0
+            for i in range(count):
+                got = kv.get(None, [base + i], out=out)
+                n_fill += got[0] is not None
+            fill_s = (time.perf_counter() - t) / max(1, n_fill)
+            served = kv.last_served
+            kv.delete([base - 1] + [base + i for i in range(count)])
+            f = d / "nvme" / "dd.bin"
+            w = dd(["if=/dev/zero", f"of={f}", f"bs={size}", f"count={count}", "oflag=direct,dsync"]) / count
+            r = dd([f"if={f}", "of=/dev/null", f"bs={size}", f"count={count}", "iflag=direct"]) / count
+            f.unlink()
+            rows.append({"block_bytes": size, "spill_mbps": size / spill_s / 1e6, "dd_write_mbps": size / w / 1e6,
+                         "spill_ratio": w / spill_s, "fill_mbps": size / fill_s / 1e6, "dd_read_mbps": size / r / 1e6,
+                         "fill_ratio": r / fill_s, "fills": n_fill, "last_served_from": served})
+    return rows
+
+
+def bench_contains(sock: str, pid: int, keys: int) -> dict:
+    before = rss(pid)
+    with Client(sock, "bench") as kv:
+        payload = b"k" * 64
+        t = time.perf_counter()
+        for j in range(0, keys, 2048):
+            kv.put(None, [(40_000_000 + j + i, "input", payload) for i in range(min(2048, keys - j))])
+        fill_s = time.perf_counter() - t
+        after = rss(pid)
+        probe = list(range(40_000_000, 40_000_000 + keys, max(1, keys // 200_000)))
+        t = time.perf_counter()
+        found = kv.contains(probe)
+        look_s = time.perf_counter() - t
+        assert all(f is not None for f in found)
+    stored = admin_call(sock, "stats")["blocks"]
+    return {"stored_blocks": stored, "contains_per_s": len(probe) / look_s, "fill_s": fill_s,
+            "put_blocks_per_s": keys / fill_s,
+            "anon_bytes_per_block": (after["RssAnon"] - before["RssAnon"]) / keys,
+            "shmem_bytes_per_block": (after["RssShmem"] - before["RssShmem"]) / keys}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--keys", type=int, default=1_000_000)
+    ap.add_argument("--max-mib", type=int, default=64)
+    ap.add_argument("--skip-nvme", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    from kvtier.cli.common import human_bytes, table
+
+    d = Path(tempfile.mkdtemp(prefix="kvbench-", dir=os.environ.get("KVTIER_BENCH_DIR", "/var/tmp")))
+    result = {}
+    try:
+        p, sock = start_daemon(d, dram=f"{max(512, 4 * args.max_mib)}MiB", nvme="2GiB")
+        try:
+            result["throughput"] = bench_throughput(sock, args.max_mib)
+            result["small"] = bench_small(sock)
+            if not args.skip_nvme:
+                result["nvme"] = bench_nvme(sock, d, p.pid)
+        finally:
+            stop(p)
+        p, sock = start_daemon(d, dram=f"{max(256, args.keys * 64 // (1 << 20) * 2)}MiB", nvme="64MiB")
+        try:
+            result["contains"] = bench_contains(sock, p.pid, args.keys)
+        finally:
+            stop(p)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    rows = [["block", "memcpy GB/s", "put GB/s", "put/memcpy", "pipelined put GB/s", "ratio", "get GB/s",
+             "get/memcpy", "put us", "get us"]]
+    for r in result["throughput"]:
+        rows.append([human_bytes(r["block_bytes"]), f"{r['memcpy_gbps']:.2f}", f"{r['put_gbps']:.2f}",
+                     f"{r['put_ratio']:.2f}", f"{r['put_stream_gbps']:.2f}", f"{r['put_stream_ratio']:.2f}",
+                     f"{r['get_gbps']:.2f}", f"{r['get_ratio']:.2f}", f"{r['put_us']:.0f}", f"{r['get_us']:.0f}"])
+    print("put/get of one block through the API vs numpy copy of the same bytes (best of N; pipelined put: a "
+          "stream of puts with wait=False, commit replies read by the next call):")
+    print(table(rows, right=set(range(1, 10))))
+    s = result["small"]
+    print(f"\nsmall (64 B) blocks: put {s['put_us_per_op']:.1f} us/op ({s['put_pipelined_us_per_op']:.1f} "
+          f"pipelined), get {s['get_us_per_op']:.1f} us/op, "
+          f"contains {s['contains_us_per_op']:.1f} us/op (one block per call, round trip included); "
+          f"batches of 256: put {s['put_us_per_block_batch256']:.1f} us/block, "
+          f"get {s['get_us_per_block_batch256']:.1f} us/block")
+    if "nvme" in result:
+        rows = [["block", "spill MB/s", "dd write MB/s", "spill/dd", "fill MB/s", "dd read MB/s", "fill/dd"]]
+        for r in result["nvme"]:
+            rows.append([human_bytes(r["block_bytes"]), f"{r['spill_mbps']:.0f}", f"{r['dd_write_mbps']:.0f}",
+                         f"{r['spill_ratio']:.2f}", f"{r['fill_mbps']:.0f}", f"{r['dd_read_mbps']:.0f}",
+                         f"{r['fill_ratio']:.2f}"])
+        print("\nNVMe spill (durable put) and fill (get of an NVMe-only block) vs dd O_DIRECT (dsync writes):")
+        print(table(rows, right=set(range(1, 7))))
+    c = result["contains"]
+    print(f"\ncontains at {c['stored_blocks']:,} stored blocks: {c['contains_per_s']:,.0f} lookups/s "
+          f"(batches of 4096); daemon memory per stored block: {c['anon_bytes_per_block']:.0f} B anonymous "
+          f"(index, policy, allocator) + {c['shmem_bytes_per_block']:.0f} B of arena; "
+          f"filled at {c['put_blocks_per_s']:,.0f} puts/s")
+
+
+if __name__ == "__main__":
+    main()

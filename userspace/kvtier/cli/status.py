@@ -1,0 +1,80 @@
+"""kvctl status: the running kvtierd's tiers (used / capacity, blocks, hits), sessions, policy, module state.
+
+Examples:
+  kvctl status
+  kvctl status --socket /run/kvtier/kvtierd.sock --json
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import click
+
+from kvtier.cli.common import human_bytes, table
+
+
+def default_socket() -> str:
+    from kvtier.daemon import config
+    env = os.environ.get(config.SOCKET_ENV)
+    if env:
+        return env
+    try:
+        return config.load(None).socket   # /etc/kvtier/kvtierd.toml when present
+    except Exception:   # a broken system config must not stop kvctl from reaching a daemon on the default path
+        return config.DEFAULT_SOCKET
+
+
+socket_option = click.option("--socket", "socket_path", default=None, metavar="PATH",
+                             help="kvtierd's socket (default: $KVTIER_SOCKET, the config's, /run/kvtier/kvtierd.sock).")
+json_option = click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+
+
+def call(socket_path: str | None, op: str, **fields) -> dict:
+    """One request to the daemon; a daemon that is not there is one OSError line (exit 1)."""
+    from kvtier.client import admin_call
+    path = socket_path or default_socket()
+    try:
+        reply = admin_call(path, op, **fields)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise OSError(e.errno, f"kvtierd is not running (no daemon at {path})") from None
+    except PermissionError as e:
+        raise OSError(errno.EACCES, f"{path}: permission denied (are you in the daemon's group?)") from None
+    reply.pop("ok", None)
+    reply.pop("id", None)
+    return reply
+
+
+def emit(as_json: bool, obj, human) -> None:
+    click.echo(json.dumps(obj) if as_json else human(obj))
+
+
+def render(st: dict) -> str:
+    rows = [["TIER", "KIND", "USED", "CAPACITY", "USE%", "BLOCKS", "HITS", "BACKEND"]]
+    for t in st["tiers"]:
+        pct = 100.0 * t["used_bytes"] / t["capacity_bytes"] if t["capacity_bytes"] else 0.0
+        rows.append([t["name"], t["kind"], human_bytes(t["used_bytes"]), human_bytes(t["capacity_bytes"]),
+                     f"{pct:.1f}", str(t["blocks"]), str(t["hits"]), t["backend"]])
+    c = st["counters"]
+    lines = [f"kvtierd pid {st['pid']} on {st['socket']} ({st['config']}), policy {st['policy']}, "
+             f"up {st['uptime_s']:.0f} s",
+             table(rows, right={2, 3, 4, 5, 6}),
+             f"sessions {st['sessions']}, blocks {st['blocks']} ({st['pinned_blocks']} pinned), "
+             f"hit rate {100 * st['hit_rate']:.1f}% of {c['gets']} lookups "
+             f"({', '.join(f'{k} {100 * v:.1f}%' for k, v in st['hit_rate_by_tier'].items())})",
+             f"puts {c['puts']} (+{c['dedup_puts']} deduplicated), demotions {c['demotions']}, promotions "
+             f"{c['promotions']}, prefetches {c['prefetches']}, dropped {c['drops']}, moved "
+             f"{human_bytes(c['bytes_moved'])}",
+             f"kvtier.ko: {'loaded' if st['module']['loaded'] else 'not loaded'}; probes: "
+             f"{'loaded' if st['probes']['loaded'] else 'not loaded'}; metrics: "
+             f"{'port ' + str(st['metrics_port']) if st['metrics_port'] else 'off'}"]
+    return "\n".join(lines)
+
+
+@click.command("status", epilog="\b\n" + __doc__[__doc__.index("Examples:"):])
+@socket_option
+@json_option
+def status(socket_path, as_json):
+    """The running daemon: tiers with used/capacity, sessions, blocks, hit rates, policy, module state."""
+    emit(as_json, call(socket_path, "stats"), render)

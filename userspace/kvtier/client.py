@@ -1,0 +1,295 @@
+"""The engine-side client of kvtierd: sessions, hints, and zero-copy put/get of KV blocks by prefix hash.
+
+    from kvtier.client import Client
+    with Client("/run/kvtier/kvtierd.sock", tenant="acme") as kv:
+        sid = kv.register_session("conv-42")
+        kv.put(sid, [(prefix_hash, "history", kv_block_array), ...])      # numpy arrays or bytes
+        arrays = kv.get(sid, [prefix_hash, ...])                          # numpy arrays (or None: miss)
+        kv.hint(sid, "decoding")                                          # its blocks stay in the first tier
+
+Block bytes never go through the socket: at hello the daemon passes its arenas (memfd descriptors by SCM_RIGHTS,
+or kvtier.ko regions it granted to this uid), the client maps them, a put writes into reserved slots and commits,
+a get copies out of the slots the daemon returns and releases them (a release needs no reply). Not thread-safe:
+use one Client per thread. The wire protocol is documented in kvtier.daemon.protocol.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import socket
+
+import numpy as np
+
+from kvtier.daemon import protocol
+
+BLOCK_TYPES = ("prefix", "history", "input", "tail")
+LOOKUP_BATCH = 4096   # hashes per message: well under protocol.MAX_MESSAGE_BYTES
+PUT_BATCH = 2048      # blocks per put message
+
+
+class DaemonError(OSError):
+    """kvtierd refused or failed a request (errno tells which)."""
+
+
+def _meta(data) -> tuple[memoryview, object]:
+    if isinstance(data, np.ndarray):
+        a = np.ascontiguousarray(data)
+        return memoryview(a.reshape(-1).view(np.uint8)), [a.dtype.str, list(a.shape)]
+    mv = memoryview(data)
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv, None
+
+
+class Client:
+    def __init__(self, socket_path: str, tenant: str, timeout_s: float = 30.0,
+                 busy_poll_s: float = protocol.BUSY_POLL_S):
+        self.socket_path = socket_path
+        self.busy_poll_s = busy_poll_s   # spin this long for a reply before sleeping (0: never spin)
+        self.tenant = tenant
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout_s)
+        try:
+            self.sock.connect(socket_path)
+        except OSError:
+            self.sock.close()
+            raise
+        self._id = 0
+        self._unacked = 0          # commits sent without waiting for their reply
+        self.stored_unacked = 0
+        self._maps: list[mmap.mmap | None] = []
+        self._views: list[memoryview | None] = []
+        self._dev = None           # /dev/kvtier, when the daemon's arenas are kvtier.ko regions
+        self.hello = self._call("hello", tenant=tenant, version=protocol.VERSION, _want_fds=True)
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    def _call(self, op: str, _want_fds: bool = False, **fields) -> dict:
+        self._id += 1
+        fields["op"], fields["id"] = op, self._id
+        protocol.send(self.sock, fields)
+        self._collect_commits()
+        return self._reply()
+
+    def _reply(self) -> dict:
+        data, fds, _ = protocol.recv_reply(self.sock, self.busy_poll_s)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise DaemonError(errno.ECONNRESET, "kvtierd closed the connection")
+        reply = protocol.unpack(data)
+        try:
+            if not reply.get("ok"):
+                raise DaemonError(reply.get("errno") or errno.EIO, f"kvtierd: {reply.get('error')}")
+            if "arenas" in reply:
+                self._map_arenas(reply["arenas"], fds)
+        finally:
+            for fd in fds:
+                os.close(fd)   # a mapping keeps the memory; the descriptor is not needed after mmap
+        return reply
+
+    def _collect_commits(self) -> None:
+        """Read the replies of commits sent with wait=False (the daemon answers in order); raise the first error."""
+        first = None
+        while self._unacked:
+            self._unacked -= 1
+            try:
+                self.stored_unacked += self._reply()["stored"]
+            except DaemonError as e:
+                first = first or e
+        if first is not None:
+            raise first
+
+    def flush(self) -> int:
+        """Wait for the commits of puts made with wait=False; returns how many blocks they stored."""
+        self._collect_commits()
+        n, self.stored_unacked = self.stored_unacked, 0
+        return n
+
+    def _map_arenas(self, arenas: list[dict], fds: list[int]) -> None:
+        fd_iter = iter(fds)
+        for a in arenas:
+            g = a["arena"]
+            if g < len(self._views) and self._views[g] is not None:
+                if a["kind"] == "memfd":
+                    next(fd_iter, None)
+                continue
+            if a["kind"] == "memfd":
+                fd = next(fd_iter)
+                m = mmap.mmap(fd, a["size"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            elif a["kind"] == "kvtier":
+                # a kvtier.ko region the daemon granted to this uid: attach it on our own fd, then map it
+                from kvtier import kmod
+                if self._dev is None:
+                    self._dev = kmod.Device()
+                region = self._dev.attach(a["region_id"])
+                m = self._dev.mmap(region)
+            else:
+                raise DaemonError(errno.EPROTO, f"unknown arena kind {a['kind']!r}")
+            while len(self._views) <= g:
+                self._maps.append(None)
+                self._views.append(None)
+            self._maps[g], self._views[g] = m, memoryview(m)
+
+    def _view(self, arena: int, offset: int, nbytes: int) -> memoryview:
+        if arena >= len(self._views) or self._views[arena] is None:
+            self._call("arenas", _want_fds=True)   # the daemon added an arena since hello
+        return self._views[arena][offset:offset + nbytes]
+
+    def close(self) -> None:
+        try:
+            self._collect_commits()
+        except OSError:
+            pass
+        for v in self._views:
+            if v is not None:
+                v.release()
+        for m in self._maps:
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:
+                    pass   # an array returned by get(copy=False) still points into it
+        self._views, self._maps = [], []
+        if self._dev is not None:
+            self._dev.close()
+            self._dev = None
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- sessions and hints ------------------------------------------------------------------------------
+    def register_session(self, name: str = "") -> int:
+        return self._call("register_session", name=name)["session"]
+
+    def end_session(self, session: int) -> int:
+        return self._call("end_session", session=session)["released"]
+
+    def hint(self, session: int, state: str, block_types=None) -> None:
+        """state: prefilling | decoding | idle | finished | resume; block_types: [(prefix_hash, type)]."""
+        fields = {"session": session, "state": state}
+        if block_types is not None:
+            fields["block_types"] = [[h, t] for h, t in block_types]
+        self._call("hint", **fields)
+
+    # -- blocks ---------------------------------------------------------------------------------------------
+    def put(self, session: int | None, blocks, durable: bool = False, wait: bool = True) -> int:
+        """Store blocks [(prefix_hash, block_type, numpy array | bytes-like)]; returns how many were new
+        (the rest were already stored under this tenant: dedup). durable=True writes them through to NVMe
+        before the call returns, so they survive a crash of the daemon.
+
+        wait=False pipelines: the commit is sent but its reply is read by the next call (or flush()), so the
+        daemon checksums this put while the engine prepares the next one; returns 0 then, errors surface at
+        the next call. The blocks are visible to the next request on this connection either way."""
+        batch = self.hello.get("put_batch_bytes") or (1 << 62)
+        items, views, nbytes, stored = [], [], 0, 0
+        for h, btype, data in blocks:
+            mv, meta = _meta(data)
+            if items and (nbytes + mv.nbytes > batch or len(items) >= PUT_BATCH):   # reserved slots must fit in memory tiers at once
+                stored += self._put(session, items, views, durable, wait)
+                items, views, nbytes = [], [], 0
+            items.append([h, btype, mv.nbytes, meta])
+            views.append(mv)
+            nbytes += mv.nbytes
+        return stored + self._put(session, items, views, durable, wait) if items else stored
+
+    def _put(self, session, items, views, durable, wait=True) -> int:
+        reply = self._call("put", session=session, blocks=items, durable=durable)
+        if not reply.get("txn"):
+            return 0
+        try:
+            for slot, mv in zip(reply["slots"], views):
+                if slot is not None:
+                    self._view(slot[0], slot[1], slot[2])[:] = mv
+        except BaseException:
+            self._call("abort", txn=reply["txn"])
+            raise
+        if not wait:
+            self._id += 1
+            protocol.send(self.sock, {"op": "commit", "id": self._id, "txn": reply["txn"]})
+            self._unacked += 1
+            return 0
+        return self._call("commit", txn=reply["txn"])["stored"]
+
+    def get(self, session: int | None, hashes, out=None):
+        """Blocks by prefix hash: a numpy array per hit (dtype/shape as put; uint8 for bytes), None per miss.
+        `out`, if given, is a list of writable buffers to copy into instead (returned in their place)."""
+        hashes = list(hashes)
+        # Served blocks are held in memory tiers until released: ask in batches that fit there.
+        n = min(self.hello.get("get_batch_blocks") or LOOKUP_BATCH, LOOKUP_BATCH)
+        result, served = [], []
+        for i in range(0, len(hashes), n):
+            result += self._get(session, hashes[i:i + n], None if out is None else out[i:i + n])
+            served += self.last_served
+        self.last_served = served
+        return result
+
+    def _get(self, session, hashes, out):
+        reply = self._call("get", session=session, blocks=hashes)
+        result = []
+        try:
+            for i, slot in enumerate(reply["slots"]):
+                if slot is None:
+                    result.append(None)
+                    continue
+                src = self._view(slot[0], slot[1], slot[2])
+                if out is not None:
+                    dst = memoryview(out[i]).cast("B")
+                    dst[:slot[2]] = src
+                    result.append(out[i])
+                    continue
+                meta = slot[3]
+                a = np.empty(slot[2], dtype=np.uint8)
+                a[:] = np.frombuffer(src, dtype=np.uint8)
+                if meta:
+                    a = a.view(np.dtype(meta[0])).reshape(meta[1])
+                result.append(a)
+        finally:
+            if reply.get("lease"):
+                self._id += 1
+                protocol.send(self.sock, {"op": "release", "lease": reply["lease"]})   # no reply
+        self.last_served = reply.get("tiers")
+        return result
+
+    def contains(self, hashes) -> list[str | None]:
+        """The tier holding each block (None: not stored for this tenant)."""
+        hashes = list(hashes)
+        out = []
+        for i in range(0, len(hashes), LOOKUP_BATCH):
+            out += self._call("contains", blocks=hashes[i:i + LOOKUP_BATCH])["tiers"]
+        return out
+
+    def delete(self, hashes) -> int:
+        hashes = list(hashes)
+        return sum(self._call("delete", blocks=hashes[i:i + LOOKUP_BATCH])["deleted"]
+                   for i in range(0, len(hashes), LOOKUP_BATCH))
+
+    def stats(self) -> dict:
+        return self._call("stats")
+
+    def call(self, op: str, **fields) -> dict:
+        """Any op of the protocol (kvctl's admin ops use this)."""
+        return self._call(op, **fields)
+
+
+def admin_call(socket_path: str, op: str, **fields) -> dict:
+    """One request without binding a tenant (kvctl): connect, ask, close."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.settimeout(30.0)
+    try:
+        sock.connect(socket_path)
+        fields.update(op=op, id=1)
+        protocol.send(sock, fields)
+        data, fds, _ = protocol.recv(sock)
+        for fd in fds:
+            os.close(fd)
+    finally:
+        sock.close()
+    if not data:
+        raise DaemonError(errno.ECONNRESET, "kvtierd closed the connection")
+    reply = protocol.unpack(data)
+    if not reply.get("ok"):
+        raise DaemonError(reply.get("errno") or errno.EIO, f"kvtierd: {reply.get('error')}")
+    return reply

@@ -1,0 +1,314 @@
+"""kvtierd's TOML configuration: parsed and validated at start (and on SIGHUP), errors name the key.
+
+    socket = "/run/kvtier/kvtierd.sock"   # or $KVTIER_SOCKET
+    group = "kvtier"                      # who may connect (besides root); default: kvtier if it exists, else root
+    socket_mode = 0o660
+    state_dir = "/var/lib/kvtier"         # or $KVTIER_STATE_DIR
+    policy = "kvtier"                     # any name of kvtier.policy.registry
+    metrics = "127.0.0.1:9477"            # Prometheus endpoint; "" turns it off
+    busy_poll_us = 500                    # keep polling this long after a request (0: sleep at once)
+
+    [blocks]
+    min_bytes = 1
+    max_bytes = "256MiB"
+    nominal_bytes = "1MiB"                # policy capacities in blocks = tier capacity / nominal_bytes
+
+    [[tiers]]                             # fastest first; memory tiers, then at most one nvme tier
+    name = "dram0"
+    kind = "dram"                         # dram | cxl | nvme
+    nodes = [0]
+    capacity = "8GiB"                     # bytes, or "N KiB/MiB/GiB/TiB", or "25%" of free memory / disk
+    backend = "auto"                      # auto | memfd | kmod
+
+    [[tiers]]
+    name = "nvme0"
+    kind = "nvme"
+    directory = "/var/lib/kvtier/nvme"
+    capacity = "100GiB"
+    codec = { name = "zstd" }             # optional, see kvtier.store codec_from_config
+    fsync = true
+
+    [tenants.acme]                        # optional: a tenant's salt and the uids allowed to bind to it
+    salt = "acme-2026"
+    uids = [1000]
+"""
+from __future__ import annotations
+
+import grp
+import os
+import re
+import shutil
+import tomllib
+from dataclasses import dataclass, field
+
+from kvtier.errors import InputError
+
+DEFAULT_CONFIG = "/etc/kvtier/kvtierd.toml"
+SOCKET_ENV = "KVTIER_SOCKET"
+STATE_ENV = "KVTIER_STATE_DIR"
+DEFAULT_SOCKET = "/run/kvtier/kvtierd.sock"
+DEFAULT_STATE = "/var/lib/kvtier"
+DEFAULT_DRAM_FRACTION = 0.25   # of MemAvailable: leave the machine room for the engine itself
+DEFAULT_NVME_FRACTION = 0.5    # of the state directory's free disk
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+_TOP_KEYS = {"socket", "group", "socket_mode", "state_dir", "policy", "metrics", "blocks", "tiers", "tenants",
+             "busy_poll_us"}
+
+
+@dataclass
+class TierConfig:
+    name: str
+    kind: str
+    capacity_bytes: int
+    nodes: list[int] = field(default_factory=list)
+    backend: str = "auto"
+    directory: str = ""
+    codec: dict | None = None
+    fsync: bool = True
+
+
+@dataclass
+class TenantConfig:
+    name: str
+    salt: bytes
+    uids: list[int] | None = None   # None: any uid allowed to connect
+
+
+@dataclass
+class Config:
+    socket: str
+    gid: int
+    group: str
+    socket_mode: int
+    state_dir: str
+    policy: str
+    metrics_host: str | None
+    metrics_port: int
+    min_block_bytes: int
+    max_block_bytes: int
+    nominal_block_bytes: int
+    tiers: list[TierConfig]
+    tenants: dict[str, TenantConfig]
+    source: str = "(embedded default)"
+    busy_poll_us: int = 500
+
+    def tenant(self, name: str) -> TenantConfig:
+        # An unconfigured tenant gets its name as salt: tenants never share blocks unless configured to.
+        return self.tenants.get(name) or TenantConfig(name, b"tenant:" + name.encode())
+
+
+def parse_size(value, where: str, free_bytes: int | None = None) -> int:
+    """An int, "64MiB"-style string, or "N%" of `free_bytes`; InputError naming `where`."""
+    if isinstance(value, bool):
+        raise InputError(f"{where}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        v = value.strip().lower().replace(" ", "")
+        if v.endswith("%") and free_bytes is not None:
+            try:
+                pct = float(v[:-1])
+            except ValueError:
+                raise InputError(f"{where}: bad percentage {value!r}") from None
+            if not 0 < pct <= 100:
+                raise InputError(f"{where}: percentage must be in (0, 100], got {value!r}")
+            n = int(free_bytes * pct / 100)
+        else:
+            m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-z]*)", v)
+            if not m or m.group(2) not in _UNITS:
+                raise InputError(f"{where}: bad size {value!r} (examples: 1048576, \"64MiB\", \"8GiB\", \"25%\")")
+            n = int(float(m.group(1)) * _UNITS[m.group(2)])
+    else:
+        raise InputError(f"{where}: expected a size, got {value!r}")
+    if n <= 0:
+        raise InputError(f"{where}: size must be positive, got {value!r}")
+    return n
+
+
+def parse_metrics(value: str, where: str) -> tuple[str | None, int]:
+    """ "HOST:PORT" -> (host, port); "" -> (None, 0): no endpoint."""
+    if not value:
+        return None, 0
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise InputError(f"{where}: expected HOST:PORT or \"\", got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 30
+
+
+def _disk_free(path: str) -> int:
+    p = path
+    while p and not os.path.exists(p):
+        p = os.path.dirname(p)
+    return shutil.disk_usage(p or "/").free
+
+
+def _check_type(d: dict, key: str, types, where: str):
+    v = d[key]
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
+        names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+        raise InputError(f"{where}{key}: expected {names}, got {v!r}")
+    return v
+
+
+def default_group() -> tuple[str, int]:
+    try:
+        return "kvtier", grp.getgrnam("kvtier").gr_gid
+    except KeyError:
+        return grp.getgrgid(0).gr_name, 0
+
+
+def load(path: str | None) -> Config:
+    """Read and validate `path` (None: the default file if it exists, else the embedded default)."""
+    if path is None:
+        if not os.path.exists(DEFAULT_CONFIG):
+            return from_dict({}, "(embedded default)")
+        path = DEFAULT_CONFIG
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: {e}") from None
+    except OSError as e:
+        raise InputError(f"{path}: {e.strerror}") from None
+    return from_dict(data, path)
+
+
+def from_dict(d: dict, source: str) -> Config:
+    w = f"{source}: "
+    unknown = set(d) - _TOP_KEYS
+    if unknown:
+        raise InputError(f"{w}unknown key '{sorted(unknown)[0]}'; valid: {', '.join(sorted(_TOP_KEYS))}")
+    for key, t in (("socket", str), ("group", str), ("state_dir", str), ("policy", str), ("metrics", str),
+                   ("socket_mode", int), ("busy_poll_us", int), ("blocks", dict), ("tiers", list), ("tenants", dict)):
+        if key in d:
+            _check_type(d, key, t, w)
+    socket = d.get("socket") or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+    state_dir = d.get("state_dir") or os.environ.get(STATE_ENV) or DEFAULT_STATE
+    if "group" in d:
+        try:
+            gid = grp.getgrnam(d["group"]).gr_gid
+        except KeyError:
+            raise InputError(f"{w}group: no such group '{d['group']}'") from None
+        group = d["group"]
+    else:
+        group, gid = default_group()
+    mode = d.get("socket_mode", 0o660)
+    if not 0 <= mode <= 0o777:
+        raise InputError(f"{w}socket_mode: expected a permission mode such as 0o660, got {mode!r}")
+
+    from kvtier.policy.registry import policy_names
+    policy = d.get("policy", "kvtier")
+    if policy not in policy_names() or policy == "opt":
+        raise InputError(f"{w}policy: unknown or offline policy '{policy}'; valid: "
+                         f"{', '.join(n for n in policy_names() if n != 'opt')}")
+
+    mhost, mport = parse_metrics(d.get("metrics", "127.0.0.1:9477"), f"{w}metrics")
+
+    busy = d.get("busy_poll_us", 500)
+    if not 0 <= busy <= 100_000:
+        raise InputError(f"{w}busy_poll_us: expected 0..100000 microseconds, got {busy!r}")
+    blocks = d.get("blocks", {})
+    bad = set(blocks) - {"min_bytes", "max_bytes", "nominal_bytes"}
+    if bad:
+        raise InputError(f"{w}blocks.{sorted(bad)[0]}: unknown key; valid: min_bytes, max_bytes, nominal_bytes")
+    min_b = parse_size(blocks.get("min_bytes", 1), f"{w}blocks.min_bytes")
+    max_b = parse_size(blocks.get("max_bytes", 256 << 20), f"{w}blocks.max_bytes")
+    nominal = parse_size(blocks.get("nominal_bytes", 1 << 20), f"{w}blocks.nominal_bytes")
+    if min_b > max_b:
+        raise InputError(f"{w}blocks.min_bytes: {min_b} is larger than blocks.max_bytes {max_b}")
+
+    tiers = _tiers(d.get("tiers"), state_dir, w)
+    tenants = {}
+    for name, t in d.get("tenants", {}).items():
+        where = f"{w}tenants.{name}."
+        if not isinstance(t, dict):
+            raise InputError(f"{w}tenants.{name}: expected a table")
+        bad = set(t) - {"salt", "uids"}
+        if bad:
+            raise InputError(f"{where}{sorted(bad)[0]}: unknown key; valid: salt, uids")
+        salt = t.get("salt", "tenant:" + name)
+        if not isinstance(salt, str):
+            raise InputError(f"{where}salt: expected a string")
+        uids = t.get("uids")
+        if uids is not None and (not isinstance(uids, list) or not all(isinstance(u, int) and u >= 0 for u in uids)):
+            raise InputError(f"{where}uids: expected a list of uids, got {uids!r}")
+        tenants[name] = TenantConfig(name, salt.encode(), uids)
+    return Config(socket=socket, gid=gid, group=group, socket_mode=mode, state_dir=state_dir, policy=policy,
+                  metrics_host=mhost, metrics_port=mport, min_block_bytes=min_b, max_block_bytes=max_b,
+                  nominal_block_bytes=nominal, tiers=tiers, tenants=tenants, source=source, busy_poll_us=busy)
+
+
+def _tiers(spec, state_dir: str, w: str) -> list[TierConfig]:
+    if spec is None:
+        # Embedded default: DRAM through memfd on node 0, NVMe in the state directory.
+        nvme_dir = os.path.join(state_dir, "nvme")
+        return [TierConfig("dram0", "dram", max(64 << 20, int(_mem_available() * DEFAULT_DRAM_FRACTION)), [0]),
+                TierConfig("nvme0", "nvme", max(64 << 20, int(_disk_free(state_dir) * DEFAULT_NVME_FRACTION)),
+                           directory=nvme_dir)]
+    if not spec:
+        raise InputError(f"{w}tiers: at least one tier is needed")
+    out, names = [], set()
+    for i, t in enumerate(spec):
+        where = f"{w}tiers[{i}]."
+        if not isinstance(t, dict):
+            raise InputError(f"{w}tiers[{i}]: expected a table")
+        allowed = {"name", "kind", "nodes", "capacity", "backend", "directory", "codec", "fsync"}
+        bad = set(t) - allowed
+        if bad:
+            raise InputError(f"{where}{sorted(bad)[0]}: unknown key; valid: {', '.join(sorted(allowed))}")
+        kind = t.get("kind")
+        if kind not in ("dram", "cxl", "nvme"):
+            raise InputError(f"{where}kind: expected dram, cxl or nvme, got {kind!r}")
+        name = t.get("name", f"{kind}{i}")
+        if not isinstance(name, str) or not name or name in names:
+            raise InputError(f"{where}name: missing, not a string or used twice: {name!r}")
+        names.add(name)
+        if "capacity" not in t:
+            raise InputError(f"{where}capacity: missing")
+        tc = TierConfig(name, kind, 0)
+        if kind == "nvme":
+            if out and out[-1].kind == "nvme":
+                raise InputError(f"{where}kind: only one nvme tier is supported")
+            d = t.get("directory", os.path.join(state_dir, "nvme"))
+            if not isinstance(d, str) or not d:
+                raise InputError(f"{where}directory: expected a path")
+            tc.directory = d
+            tc.capacity_bytes = parse_size(t["capacity"], f"{where}capacity", _disk_free(d))
+            codec = t.get("codec")
+            if codec is not None and not isinstance(codec, dict):
+                raise InputError(f"{where}codec: expected a table such as {{ name = \"zstd\" }}")
+            tc.codec = codec
+            fs = t.get("fsync", True)
+            if not isinstance(fs, bool):
+                raise InputError(f"{where}fsync: expected true or false")
+            tc.fsync = fs
+        else:
+            if out and out[-1].kind == "nvme":
+                raise InputError(f"{where}kind: memory tiers must come before the nvme tier (fastest first)")
+            nodes = t.get("nodes", [0])
+            if not isinstance(nodes, list) or not nodes or not all(isinstance(n, int) and n >= 0 for n in nodes):
+                raise InputError(f"{where}nodes: expected a list of NUMA node ids, got {nodes!r}")
+            tc.nodes = nodes
+            tc.capacity_bytes = parse_size(t["capacity"], f"{where}capacity", _mem_available())
+            backend = t.get("backend", "auto")
+            if backend not in ("auto", "memfd", "kmod"):
+                raise InputError(f"{where}backend: expected auto, memfd or kmod, got {backend!r}")
+            tc.backend = backend
+        out.append(tc)
+    if out[0].kind == "nvme":
+        raise InputError(f"{w}tiers[0].kind: the first tier must be a memory tier (dram or cxl)")
+    return out

@@ -1,0 +1,814 @@
+"""The block engine: one index of blocks over a stack of tiers, driven by the policy library.
+
+Tiers are fastest first: memory tiers (DRAM, CXL: kvtier.store.MemoryTier) then at most one NVMe cold store
+(kvtier.store.NvmeTier). Like kvtier.policy.tiers.TierStack, every tier has its own policy instance (same name),
+and what a tier's policy evicts or declines is demoted to the next tier instead of dropped; only the last tier
+drops. A hit in a lower tier is promoted to the first tier. Pinned blocks (decoding sessions, `kvctl pin`) and
+blocks a client is copying out of (leased) are taken out of their policy, so nothing can pick them as victims.
+
+Keys: key = xxh3_128(tenant salt + prefix hash), 16 bytes; a tenant only ever reaches keys under its own salt, and
+one copy is kept per key however many sessions reference it (refcounts are the sessions holding it).
+
+Durability: a block is in the NVMe tier once it was demoted there or put with durable=True (written through at
+commit, before the commit is acknowledged). Those blocks survive kill -9 (NvmeTier's crash-safe index) and are
+served after a restart; blocks only in a memory tier are lost with the process, by design (a cache, not a store).
+On graceful shutdown memory tiers are not flushed to NVMe: SIGTERM closes the NVMe index cleanly.
+
+Every move is logged (logger kvtier.daemon, debug) and kept in a ring buffer of recent moves with its reason.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import time
+from collections import deque
+
+import msgpack
+import xxhash
+
+from kvtier.policy.model import BlockType, Request, SessionState
+from kvtier.policy.registry import make_policy
+
+log = logging.getLogger("kvtier.daemon")
+
+MOVES_KEPT = 4096
+NVME_MAGIC = b"KVB1"
+STATES = {"prefilling": SessionState.PREFILL, "decoding": SessionState.DECODE, "idle": SessionState.IDLE,
+          "finished": SessionState.FINISHED, "resume": SessionState.IDLE}
+BLOCK_TYPES = {t.name.lower(): int(t) for t in BlockType}
+
+
+def err(code: int, msg: str) -> OSError:
+    return OSError(code, msg)
+
+
+def derive_key(salt: bytes, prefix_hash) -> bytes:
+    if isinstance(prefix_hash, bool) or not isinstance(prefix_hash, (int, bytes)):
+        raise err(errno.EINVAL, f"a prefix hash is an int or bytes, got {type(prefix_hash).__name__}")
+    if isinstance(prefix_hash, int):
+        if not 0 <= prefix_hash < 1 << 64:
+            raise err(errno.EINVAL, "an int prefix hash must be in [0, 2**64) (longer hashes: pass bytes)")
+        h = prefix_hash.to_bytes(8, "little")
+    else:
+        if len(prefix_hash) > 64:
+            raise err(errno.EINVAL, "a bytes prefix hash is at most 64 bytes")
+        h = b"b" + prefix_hash
+    return xxhash.xxh3_128_digest(salt + b"\0" + h)
+
+
+def _plain(x):
+    """Policy explanations as wire-safe values: 128-bit block ids as hex, enums and tuples as plain values."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [_plain(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, (float, str)):
+        return x
+    if isinstance(x, int):
+        return x if -(1 << 63) <= x < (1 << 64) else f"{x:032x}"
+    return str(x)
+
+
+class Block:
+    __slots__ = ("key", "bid", "tenant", "nbytes", "btype", "meta", "tier", "sessions", "pins", "leases",
+                 "nvme_copy", "durable", "out_of_policy", "hits")
+
+    def __init__(self, key, tenant, nbytes, btype, meta, tier):
+        self.key = key
+        self.bid = int.from_bytes(key, "little")
+        self.tenant = tenant
+        self.nbytes = nbytes
+        self.btype = btype
+        self.meta = meta
+        self.tier = tier
+        self.sessions: set[int] = set()
+        self.pins = 0           # decoding sessions + kvctl pins holding it
+        self.leases = 0         # gets a client has not released yet
+        self.nvme_copy = False  # a copy exists in the NVMe tier
+        self.durable = False    # put with durable=True: the NVMe copy is kept while the block is in memory
+        self.out_of_policy = False
+        self.hits = 0
+
+    def to_dict(self, tiers) -> dict:
+        return {"block": self.key.hex(), "tenant": self.tenant, "nbytes": self.nbytes,
+                "block_type": BlockType(self.btype).name.lower() if self.btype is not None else None,
+                "tier": tiers[self.tier].name, "sessions": len(self.sessions), "pinned": self.pins > 0,
+                "durable": self.nvme_copy or tiers[self.tier].kind == "nvme", "hits": self.hits}
+
+
+class Session:
+    __slots__ = ("sid", "tenant", "name", "state", "blocks", "created")
+
+    def __init__(self, sid, tenant, name):
+        self.sid, self.tenant, self.name = sid, tenant, name
+        self.state = "prefilling"
+        self.blocks: set[bytes] = set()
+        self.created = time.time()
+
+
+class Engine:
+    def __init__(self, cfg, tiers: list, metrics=None):
+        self.cfg = cfg
+        self.tiers = tiers
+        self.metrics = metrics
+        self.nvme = tiers[-1] if tiers[-1].kind == "nvme" else None
+        self.mem_count = len(tiers) - (1 if self.nvme is not None else 0)
+        self.limit_bytes = [t.capacity_bytes for t in tiers]
+        self.blocks: dict[bytes, Block] = {}
+        self.by_bid: dict[int, Block] = {}
+        self.sessions: dict[int, Session] = {}
+        self.pending: dict[int, tuple] = {}   # txn -> (tenant, sid, [(key, Block)], durable)
+        self.pending_keys: dict[bytes, int] = {}   # key -> txn reserving it
+        self.leases: dict[int, list[Block]] = {}
+        self.moves: deque = deque(maxlen=MOVES_KEPT)
+        self.counters = {"puts": 0, "dedup_puts": 0, "gets": 0, "misses": 0, "demotions": 0, "promotions": 0,
+                         "drops": 0, "bytes_moved": 0, "prefetches": 0}
+        self.hits_by_tier = [0] * len(tiers)
+        self.evictions: dict[str, int] = {}
+        self._ids = itertools.count(1)
+        self._req_index = 0
+        self.arena_table: list[tuple[int, int]] = []     # global arena id -> (tier, tier's arena index)
+        self._arena_ids: dict[tuple[int, int], int] = {}
+        for t in range(self.mem_count):
+            for a in range(len(tiers[t].arenas())):
+                self._arena_id(t, a)
+        self.policy_name = cfg.policy
+        self.policies = self._make_policies(cfg.policy)
+        if self.nvme is not None:
+            self._recover_nvme()
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _capacity_blocks(self, t: int) -> int:
+        return max(1, self.limit_bytes[t] // self.cfg.nominal_block_bytes)
+
+    def _make_policies(self, name: str) -> list:
+        ps = [make_policy(name, self._capacity_blocks(t)) for t in range(len(self.tiers))]
+        for p in ps[1:]:
+            if hasattr(p, "learner"):
+                p.learner = ps[0]   # lower tiers only see demotions: score with the first tier's statistics
+        return ps
+
+    def _recover_nvme(self) -> None:
+        """After a restart the NVMe tier's index names what survived; metadata is read lazily on first use."""
+        n = 0
+        for key in self.nvme.keys():
+            b = Block(key, None, None, None, None, len(self.tiers) - 1)
+            self.blocks[key] = b
+            self.by_bid[b.bid] = b
+            self.policies[-1].admit_demoted(b.bid, None)
+            n += 1
+        # The policy may hold fewer blocks than the disk (a smaller capacity or nominal block size since):
+        # what it did not keep is dropped, as it would have been had it been offered live.
+        dropped = 0
+        for b in list(self.blocks.values()):
+            if not self.policies[-1].contains(b.bid):
+                b.out_of_policy = True
+                self._drop(b, "recovery")
+                dropped += 1
+        log.info("recovered %d blocks from %s (%d over the policy's capacity dropped)", n - dropped,
+                 self.nvme.name, dropped)
+
+    def _arena_id(self, t: int, a: int) -> int:
+        g = self._arena_ids.get((t, a))
+        if g is None:
+            g = self._arena_ids[(t, a)] = len(self.arena_table)
+            self.arena_table.append((t, a))
+        return g
+
+    def arenas(self) -> list[dict]:
+        out = []
+        for g, (t, a) in enumerate(self.arena_table):
+            h = dict(self.tiers[t].arenas()[a])
+            h.update(arena=g, tier=self.tiers[t].name)
+            out.append(h)
+        return out
+
+    # -- moves ---------------------------------------------------------------------------------------
+    def _log_move(self, b: Block, src: int | None, dst: int | None, reason: str) -> None:
+        rec = {"time": time.time(), "block": b.key.hex(), "from": self.tiers[src].name if src is not None else None,
+               "to": self.tiers[dst].name if dst is not None else None, "reason": reason, "nbytes": b.nbytes}
+        self.moves.append(rec)
+        log.debug("move %s %s -> %s (%s, %s bytes)", rec["block"], rec["from"], rec["to"], reason, b.nbytes)
+        if self.metrics is not None and src is not None and dst is not None:
+            self.metrics.moved_bytes(b.nbytes or 0, rec["from"], rec["to"])
+
+    def _read(self, t: int, b: Block):
+        """The block's payload from tier t (a memoryview for memory tiers)."""
+        tier = self.tiers[t]
+        try:
+            if t < self.mem_count:
+                return tier.view(tier.locate(b.key))
+            raw = tier.get(b.key)
+        except (KeyError, OSError) as e:
+            if isinstance(e, OSError) and e.errno not in (errno.EIO, None):
+                raise
+            # corrupt (the tier verified its checksum and dropped it) or gone: forget it, never serve it
+            log.error("block %s in %s unreadable (%s): forgotten", b.key.hex(), tier.name, e)
+            self.policies[t].remove(b.bid)
+            self._forget(b)
+            self.evictions["corrupt"] = self.evictions.get("corrupt", 0) + 1
+            raise err(errno.EIO, f"block {b.key.hex()} in {tier.name} is unreadable") from None
+        hlen = int.from_bytes(raw[4:8], "little")
+        if raw[:4] != NVME_MAGIC or 8 + hlen > len(raw):
+            raise err(errno.EIO, f"block {b.key.hex()}: bad header in {tier.name}")
+        head = msgpack.unpackb(raw[8:8 + hlen], raw=False)
+        b.tenant, b.btype, b.meta = head["tenant"], head["type"], head["meta"]
+        b.durable = bool(head.get("durable"))
+        b.nvme_copy = True
+        b.nbytes = len(raw) - 8 - hlen
+        return memoryview(raw)[8 + hlen:]
+
+    def _known(self, b: Block | None) -> Block | None:
+        """b with its tenant known: a block recovered from NVMe learns it from its header on first use
+        (None if it turns out unreadable: it was forgotten)."""
+        if b is not None and b.tenant is None:
+            try:
+                self._read(b.tier, b)
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                return None
+        return b
+
+    def _nvme_bytes(self, b: Block, payload) -> bytes:
+        head = msgpack.packb({"tenant": b.tenant, "type": b.btype, "meta": b.meta, "durable": b.durable},
+                             use_bin_type=True)
+        return b"".join((NVME_MAGIC, len(head).to_bytes(4, "little"), head, payload))
+
+    def _room(self, t: int, nbytes: int, reason: str = "capacity") -> None:
+        """Demote victims of tier t's policy until nbytes more fit under its limit (ENOSPC if they cannot)."""
+        tier = self.tiers[t]
+        while tier.used_bytes + nbytes > self.limit_bytes[t]:
+            if not self._evict_one(t, reason):
+                raise err(errno.ENOSPC, f"tier {tier.name}: no room for {nbytes} bytes: "
+                                        f"every block is pinned or being read")
+
+    def _evict_one(self, t: int, reason: str) -> bool:
+        while True:
+            v = self.policies[t].pop_victim()
+            if v is None:
+                return False
+            b = self.by_bid.get(v)
+            if b is None or b.tier != t:
+                continue
+            if b.leases or b.pins:
+                b.out_of_policy = True   # re-offered when released / unpinned
+                continue
+            self._demote(b, reason)
+            return True
+
+    def _store(self, t: int, b: Block, payload) -> None:
+        """Write payload into tier t (making room there first)."""
+        tier = self.tiers[t]
+        n = len(payload) if t < self.mem_count else len(payload) + 256
+        for _ in range(64):
+            self._room(t, n if t < self.mem_count else 0)
+            try:
+                if t < self.mem_count:
+                    slot = tier.reserve(b.key, len(payload))
+                    tier.view(slot)[:] = payload
+                    tier.commit(b.key)
+                    self._arena_id(t, slot.arena)
+                else:
+                    tier.put(b.key, self._nvme_bytes(b, payload))
+                return
+            except OSError as e:
+                if e.errno != errno.ENOSPC or not self._evict_one(t, "capacity"):
+                    raise
+        raise err(errno.ENOSPC, f"tier {tier.name}: no room after 64 evictions")
+
+    def _demote(self, b: Block, reason: str) -> None:
+        """Move b one tier down (or drop it from the last tier). b is already out of its policy."""
+        src = b.tier
+        dst = src + 1
+        if dst >= len(self.tiers):
+            self._drop(b, reason)
+            return
+        if self.tiers[dst].kind == "nvme" and b.nvme_copy:
+            pass   # written through at put: the disk copy is current
+        else:
+            payload = self._read(src, b)
+            try:
+                self._store(dst, b, payload)
+            except OSError as e:
+                log.warning("demote %s from %s failed (%s); dropping it", b.key.hex(), self.tiers[src].name, e)
+                del payload
+                self._drop(b, "demote-failed")
+                return
+            del payload
+        if src < self.mem_count:
+            self.tiers[src].delete(b.key)
+        b.tier = dst
+        if self.tiers[dst].kind == "nvme":
+            b.nvme_copy = True
+        self.counters["demotions"] += 1
+        self.counters["bytes_moved"] += b.nbytes or 0
+        self._log_move(b, src, dst, reason)
+        meta = self.policies[src].export_meta(b.bid)
+        self._admit(dst, b, lambda p: p.admit_demoted(b.bid, meta))
+
+    def _admit(self, t: int, b: Block, offer) -> None:
+        """Hand b to tier t's policy; cascade what it evicts; a declined b goes further down."""
+        b.out_of_policy = False
+        evicted = offer(self.policies[t])
+        for v in evicted:
+            if v == b.bid:
+                continue
+            vb = self.by_bid.get(v)
+            if vb is None or vb.tier != t:
+                continue
+            if vb.leases or vb.pins:
+                vb.out_of_policy = True
+                continue
+            self._demote(vb, "policy")
+        if not self.policies[t].contains(b.bid) and b.tier == t and not (b.pins or b.leases):
+            self._demote(b, "declined")
+
+    def _take_out(self, b: Block) -> None:
+        """Out of its tier's policy (pinned): no policy can choose it; _put_back hands it back."""
+        self.policies[b.tier].remove(b.bid)
+        b.out_of_policy = True
+
+    def _put_back(self, b: Block) -> None:
+        if b.out_of_policy and not b.pins and not b.leases and b.key in self.blocks:
+            self._admit(b.tier, b, lambda p: p.admit_demoted(b.bid, None))
+
+    def _drop(self, b: Block, reason: str) -> None:
+        src = b.tier
+        try:
+            self.tiers[src].delete(b.key)
+            if b.nvme_copy and self.nvme is not None and src < self.mem_count:
+                self.nvme.delete(b.key)
+        except OSError as e:
+            log.warning("delete %s from %s: %s", b.key.hex(), self.tiers[src].name, e)
+        self.policies[src].remove(b.bid)
+        self._forget(b)
+        self.counters["drops"] += 1
+        self.evictions[reason] = self.evictions.get(reason, 0) + 1
+        if self.metrics is not None:
+            self.metrics.evicted(reason)
+        self._log_move(b, src, None, reason)
+
+    def _forget(self, b: Block) -> None:
+        self.blocks.pop(b.key, None)
+        self.by_bid.pop(b.bid, None)
+        for sid in b.sessions:
+            s = self.sessions.get(sid)
+            if s is not None:
+                s.blocks.discard(b.key)
+
+    def _promote(self, b: Block, reason: str) -> bool:
+        """Bring b up to the first memory tier with room (the first tier, else the next ones above it);
+        False if none has room (b stays where it is). The caller hands b to its new tier's policy."""
+        src = b.tier
+        if src == 0:
+            return True
+        payload = self._read(src, b)
+        self.policies[src].remove(b.bid)
+        b.out_of_policy = True
+        b.leases += 1   # not a victim while a tier makes room
+        dst = None
+        try:
+            for t in range(min(src, self.mem_count)):
+                try:
+                    self._store(t, b, payload)
+                    dst = t
+                    break
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+        finally:
+            b.leases -= 1
+        if dst is None:
+            self._put_back(b)
+            return False
+        del payload
+        if src < self.mem_count or not b.durable:
+            self.tiers[src].delete(b.key)
+            if src >= self.mem_count:
+                b.nvme_copy = False
+        # a durable block keeps its NVMe copy: it is now in memory and on disk
+        b.tier = dst
+        self.counters["promotions"] += 1
+        self.counters["bytes_moved"] += b.nbytes or 0
+        self._log_move(b, src, dst, reason)
+        return True
+
+    # -- requests as the policy sees them -----------------------------------------------------------
+    def _request(self, sid: int, tenant: str, blocks: list[Block]) -> Request:
+        self._req_index += 1
+        return Request(self._req_index, time.monotonic() * 1e3, 512 * len(blocks), 0,
+                       [b.bid for b in blocks], session_id=sid, tenant=tenant)
+
+    def _session(self, tenant: str, sid) -> Session | None:
+        if sid is None:
+            return None
+        s = self.sessions.get(sid)
+        if s is None or s.tenant != tenant:
+            raise err(errno.ENOENT, f"no session {sid} for this tenant")
+        return s
+
+    # -- API ops -------------------------------------------------------------------------------------
+    def register_session(self, tenant: str, name: str) -> int:
+        sid = next(self._ids)
+        self.sessions[sid] = Session(sid, tenant, name or f"s{sid}")
+        self.policies[0].session_hint(sid, SessionState.PREFILL, time.monotonic() * 1e3)
+        return sid
+
+    def end_session(self, tenant: str, sid: int) -> int:
+        s = self._session(tenant, sid)
+        self.hint(tenant, sid, "finished")
+        n = 0
+        for key in list(s.blocks):
+            b = self.blocks.get(key)
+            if b is not None:
+                b.sessions.discard(sid)
+                n += 1
+        del self.sessions[sid]
+        return n
+
+    def hint(self, tenant: str, sid: int, state: str, block_types=None) -> None:
+        s = self._session(tenant, sid)
+        if state not in STATES:
+            raise err(errno.EINVAL, f"unknown session state {state!r}; valid: {', '.join(STATES)}")
+        if block_types is not None:
+            for key_hash, btype in block_types:
+                b = self.blocks.get(derive_key(self.cfg.tenant(tenant).salt, key_hash))
+                if b is not None and b.tenant == tenant:
+                    b.btype = BLOCK_TYPES.get(btype, btype) if isinstance(btype, str) else int(btype)
+        was = s.state
+        self.policies[0].session_hint(sid, STATES[state], time.monotonic() * 1e3)
+        if state == "decoding" and was != "decoding":
+            for key in list(s.blocks):   # pinned where they are: the get before decoding brought them up
+                b = self.blocks.get(key)
+                if b is not None:
+                    self._pin(b)
+        elif state != "decoding" and was == "decoding":
+            for key in list(s.blocks):
+                b = self.blocks.get(key)
+                if b is not None:
+                    self._unpin(b)
+        if state == "resume":
+            for key in list(s.blocks):
+                b = self.blocks.get(key)
+                if b is not None and b.tier != 0:
+                    if self._promote(b, "prefetch"):
+                        self.counters["prefetches"] += 1
+                        self._admit(b.tier, b, lambda p: p.admit_demoted(b.bid, None))
+            state = "idle"
+        s.state = state
+
+    def _attach(self, s: Session, b: Block) -> None:
+        """b is now one of s's blocks; a decoding session pins what it takes on (and unpins it at idle)."""
+        if b.key in s.blocks:
+            return
+        s.blocks.add(b.key)
+        b.sessions.add(s.sid)
+        if s.state == "decoding":
+            self._pin(b)
+
+    def _pin(self, b: Block) -> None:
+        b.pins += 1
+        self._take_out(b)
+
+    def _unpin(self, b: Block) -> None:
+        if b.pins > 0:
+            b.pins -= 1
+        self._put_back(b)
+
+    def put_reserve(self, tenant: str, sid, items: list, durable: bool) -> tuple[int, list]:
+        s = self._session(tenant, sid)
+        salt = self.cfg.tenant(tenant).salt
+        txn = next(self._ids)
+        slots, staged, staged_keys = [], [], set()
+        try:
+            for item in items:
+                if not isinstance(item, (list, tuple)) or len(item) != 4:
+                    raise err(errno.EINVAL, "a put item is [prefix_hash, block_type, nbytes, meta]")
+                h, btype, nbytes, meta = item
+                if isinstance(btype, str):
+                    btype = BLOCK_TYPES.get(btype)
+                if not isinstance(btype, int) or btype not in BLOCK_TYPES.values():
+                    raise err(errno.EINVAL, f"block type must be one of {', '.join(BLOCK_TYPES)}")
+                if not isinstance(nbytes, int) or isinstance(nbytes, bool) or \
+                        not self.cfg.min_block_bytes <= nbytes <= self.cfg.max_block_bytes:
+                    raise err(errno.EINVAL, f"block size {nbytes!r} outside [{self.cfg.min_block_bytes}, "
+                                            f"{self.cfg.max_block_bytes}] bytes")
+                key = derive_key(salt, h)
+                old = self.blocks.get(key)
+                if old is not None or key in self.pending_keys or key in staged_keys:
+                    # stored, or being written by another put right now: one copy per key
+                    if old is not None and s is not None:
+                        self._attach(s, old)
+                    self.counters["dedup_puts"] += 1
+                    slots.append(None)
+                    continue
+                t, slot = self._reserve(key, nbytes)
+                staged.append((key, Block(key, tenant, nbytes, btype, meta, t)))
+                staged_keys.add(key)
+                slots.append([self._arena_id(t, slot.arena), slot.offset, nbytes])
+        except BaseException:
+            for key, b in staged:
+                self.tiers[b.tier].abort(key)
+            raise
+        self.pending[txn] = (tenant, sid, staged, durable)
+        for key, _ in staged:
+            self.pending_keys[key] = txn
+        return txn, slots
+
+    def _reserve(self, key: bytes, nbytes: int):
+        """A slot in the first memory tier with room (victims demoted); reserved slots are not evictable,
+        so a batch larger than the first tier continues in the next one."""
+        last = None
+        for t in range(self.mem_count):
+            try:
+                self._room(t, nbytes)
+                return t, self.tiers[t].reserve(key, nbytes)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                last = e
+        raise err(errno.ENOSPC, f"no memory tier has room for a {nbytes}-byte block: {last.strerror}")
+
+    def put_abort(self, txn: int) -> None:
+        _, _, staged, _ = self.pending.pop(txn)
+        for key, b in staged:
+            self.pending_keys.pop(key, None)
+            try:
+                self.tiers[b.tier].abort(key)
+            except KeyError:
+                pass
+
+    def put_commit(self, txn: int) -> int:
+        if txn not in self.pending:
+            raise err(errno.ENOENT, f"no open put {txn}")
+        tenant, sid, staged, durable = self.pending.pop(txn)
+        for key, _ in staged:
+            self.pending_keys.pop(key, None)
+        s = self.sessions.get(sid) if sid is not None else None
+        blocks = []
+        failure = None
+        for i, (key, b) in enumerate(staged):
+            if failure is not None:
+                self.tiers[b.tier].abort(key)
+                continue
+            self.tiers[b.tier].commit(key)
+            if durable and self.nvme is not None:
+                try:
+                    b.durable = True
+                    self._store(len(self.tiers) - 1, b, self._read(b.tier, b))
+                    b.nvme_copy = True
+                except OSError as e:
+                    # not acknowledged: this block and the rest of the batch are not stored
+                    self.tiers[b.tier].delete(key)
+                    failure = e
+                    continue
+            self.blocks[key] = b
+            self.by_bid[b.bid] = b
+            if s is not None:
+                b.sessions.add(sid)
+                s.blocks.add(key)
+            blocks.append(b)
+        self.counters["puts"] += len(blocks)
+        if self.metrics is not None:
+            self.metrics.bytes_put(sum(b.nbytes for b in blocks))
+        req = self._request(sid or 0, tenant, blocks)
+        self.policies[0].begin_request(req)
+        for pos, b in enumerate(blocks):
+            if s is not None and s.state == "decoding":
+                b.pins += 1
+                b.out_of_policy = True
+                continue
+            if b.tier == 0:
+                self._admit(0, b, lambda p: p.offer(b.bid, req, pos, False))
+            else:
+                self._admit(b.tier, b, lambda p: p.admit_demoted(b.bid, None))
+        if failure is not None:
+            raise err(failure.errno or errno.EIO, f"write-through to NVMe failed after {len(blocks)} of "
+                                                  f"{len(staged)} blocks: {failure.strerror or failure}")
+        return len(blocks)
+
+    def get(self, tenant: str, sid, hashes: list) -> tuple[int, list, list]:
+        s = self._session(tenant, sid)
+        salt = self.cfg.tenant(tenant).salt
+        found = []
+        for h in hashes:
+            b = self.blocks.get(derive_key(salt, h))
+            b = self._known(b)
+            found.append(b if b is not None and b.tenant == tenant else None)
+        req = self._request(sid or 0, tenant, [b for b in found if b is not None])
+        self.policies[0].begin_request(req)
+        lease = next(self._ids)
+        held, slots, served = [], [], []
+        pos = 0
+        for b in found:
+            self.counters["gets"] += 1
+            if b is not None and self.blocks.get(b.key) is not b:
+                b = None   # dropped while an earlier block of this batch was brought up
+            if b is None:
+                self.counters["misses"] += 1
+                if self.metrics is not None:
+                    self.metrics.miss()
+                slots.append(None)
+                served.append(None)
+                continue
+            src = b.tier
+            try:
+                promoted = src == 0 or self._promote(b, "hit")
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                promoted, b = False, None   # corrupt on its tier: a miss, never bad bytes
+            if b is None:
+                self.counters["misses"] += 1
+                slots.append(None)
+                served.append(None)
+                continue
+            if not promoted:
+                if src >= self.mem_count:   # no room in memory to serve an NVMe block from
+                    self.counters["misses"] += 1
+                    slots.append(None)
+                    served.append(None)
+                    continue
+            self.hits_by_tier[src] += 1
+            b.hits += 1
+            if self.metrics is not None:
+                self.metrics.hit(self.tiers[src].name)
+            if s is not None:
+                self._attach(s, b)
+            if not b.pins:
+                if src == 0 and self.policies[0].contains(b.bid):
+                    self.policies[0].on_hit(b.bid, req, pos)
+                if b.tier == 0:
+                    self._admit(0, b, lambda p: p.offer(b.bid, req, pos, True))
+                elif b.tier != src:
+                    self._admit(b.tier, b, lambda p: p.admit_demoted(b.bid, None))
+            pos += 1
+            if b.key not in self.blocks:   # dropped while making room for a later block
+                slots.append(None)
+                served.append(None)
+                continue
+            b.leases += 1
+            held.append(b)
+            slot = self.tiers[b.tier].locate(b.key)
+            slots.append([self._arena_id(b.tier, slot.arena), slot.offset, slot.nbytes, b.meta])
+            served.append(self.tiers[src].name)
+        if held:
+            self.leases[lease] = held
+        return lease, slots, served
+
+    def release(self, lease: int) -> None:
+        for b in self.leases.pop(lease, ()):
+            b.leases -= 1
+            if not b.leases:
+                self._put_back(b)
+
+    def contains(self, tenant: str, hashes: list) -> list:
+        salt = self.cfg.tenant(tenant).salt
+        out = []
+        for h in hashes:
+            b = self.blocks.get(derive_key(salt, h))
+            b = self._known(b)
+            out.append(self.tiers[b.tier].name if b is not None and b.tenant == tenant else None)
+        return out
+
+    def delete(self, tenant: str, hashes: list) -> int:
+        salt = self.cfg.tenant(tenant).salt
+        n = 0
+        for h in hashes:
+            b = self.blocks.get(derive_key(salt, h))
+            b = self._known(b)
+            if b is None or b.tenant != tenant:
+                continue
+            if b.leases:
+                raise err(errno.EBUSY, f"block {b.key.hex()} is being read")
+            self._drop(b, "deleted")
+            n += 1
+        return n
+
+    # -- admin (kvctl) --------------------------------------------------------------------------------
+    def find(self, block_hex: str) -> Block:
+        try:
+            key = bytes.fromhex(block_hex)
+        except (ValueError, TypeError):
+            key = b""
+        if len(key) != 16:
+            raise err(errno.EINVAL, f"a block is named by its 32-hex-digit key, got {block_hex!r}")
+        b = self.blocks.get(key)
+        if b is None:
+            raise err(errno.ENOENT, f"no block {block_hex}")
+        return b
+
+    def pin(self, block=None, session=None, unpin=False) -> int:
+        targets = []
+        if session is not None:
+            s = self.sessions.get(session)
+            if s is None:
+                raise err(errno.ENOENT, f"no session {session}")
+            targets = [self.blocks[k] for k in s.blocks if k in self.blocks]
+        else:
+            targets = [self.find(block)]
+        for b in targets:
+            if unpin:
+                self._unpin(b)
+            else:
+                self._pin(b)
+            self._log_move(b, b.tier, b.tier, "unpin" if unpin else "pin")
+        return len(targets)
+
+    def evict(self, block: str) -> dict:
+        b = self.find(block)
+        if b.pins or b.leases:
+            raise err(errno.EBUSY, f"block {block} is pinned or being read")
+        src = b.tier
+        self.policies[src].remove(b.bid)
+        b.out_of_policy = True
+        self._demote(b, "admin")
+        return {"block": block, "from": self.tiers[src].name,
+                "to": self.tiers[b.tier].name if b.key in self.blocks else None}
+
+    def explain(self, block: str) -> dict:
+        b = self._known(self.find(block))
+        if b is None:
+            raise err(errno.EIO, f"block {block} was unreadable (corrupt) and is forgotten")
+        d = b.to_dict(self.tiers)
+        if b.pins:
+            why = "pinned (a decoding session or kvctl pin): out of every policy's reach"
+        elif b.leases:
+            why = "being read by a client (leased): not movable until released"
+        else:
+            why = f"placed by policy {self.policy_name} of tier {self.tiers[b.tier].name}"
+        d["why"] = why
+        d["policy"] = _plain(self.policies[b.tier].explain(b.bid) if not b.out_of_policy else
+                             {"policy": self.policy_name, "resident": False, "note": "out of the policy (pinned/leased)"})
+        d["session_ids"] = sorted(b.sessions)
+        d["moves"] = [m for m in self.moves if m["block"] == d["block"]][-10:]
+        return d
+
+    def set_policy(self, name: str) -> None:
+        self.policies = self._make_policies(name)
+        self.policy_name = name
+        self.readmit_all()
+
+    def readmit_all(self) -> None:
+        for b in list(self.blocks.values()):
+            b.out_of_policy = True
+        for t in range(len(self.tiers)):
+            for b in [b for b in self.blocks.values() if b.tier == t]:
+                self._put_back(b)
+
+    def set_limits(self, limits: list[int]) -> None:
+        for t, lim in enumerate(limits):
+            self.limit_bytes[t] = min(lim, self.tiers[t].capacity_bytes)
+            for v in self.policies[t].resize(self._capacity_blocks(t)):
+                vb = self.by_bid.get(v)
+                if vb is not None and vb.tier == t:
+                    vb.out_of_policy = True
+                    self._demote(vb, "resize")
+            while self.tiers[t].used_bytes > self.limit_bytes[t] and self._evict_one(t, "resize"):
+                pass
+
+    def prefetch_tick(self, limit: int = 16) -> int:
+        """Promote what the first tier's policy expects to be asked for soon (idle sessions due back)."""
+        n = 0
+        try:
+            wanted = self.policies[0].prefetch_suggestions(limit)
+        except TypeError:
+            wanted = []
+        for bid in wanted:
+            b = self.by_bid.get(bid)
+            if b is not None and b.tier != 0 and not b.pins and not b.leases:
+                if self._promote(b, "prefetch"):
+                    self._admit(b.tier, b, lambda p: p.admit_demoted(b.bid, None))
+                    self.counters["prefetches"] += 1
+                    n += 1
+        return n
+
+    def tier_rows(self) -> list[dict]:
+        rows = []
+        for t, tier in enumerate(self.tiers):
+            rows.append({"name": tier.name, "kind": tier.kind, "capacity_bytes": self.limit_bytes[t],
+                         # copies the tier holds (a durable block in memory is also on NVMe); O(1), and safe to
+                         # read from the metrics thread
+                         "used_bytes": tier.used_bytes, "blocks": len(tier),
+                         "hits": self.hits_by_tier[t], "backend": getattr(tier, "backend", "file"),
+                         "backend_note": getattr(tier, "backend_note", "")})
+        return rows
+
+    def status(self) -> dict:
+        gets = self.counters["gets"]
+        hits = sum(self.hits_by_tier)
+        return {"policy": self.policy_name, "tiers": self.tier_rows(), "sessions": len(self.sessions),
+                "blocks": len(self.blocks), "pinned_blocks": sum(1 for b in self.blocks.values() if b.pins),
+                "counters": dict(self.counters), "evictions": dict(self.evictions),
+                "hit_rate": hits / gets if gets else 0.0,
+                "hit_rate_by_tier": {self.tiers[t].name: (h / gets if gets else 0.0)
+                                     for t, h in enumerate(self.hits_by_tier)}}
+
+    def close(self) -> None:
+        for t in self.tiers:
+            try:
+                t.close()
+            except Exception as e:   # closing must go on for the other tiers
+                log.warning("closing %s: %s", t.name, e)

@@ -1,0 +1,578 @@
+"""kvtierd's event loop: the engine API socket, signals, systemd notification, metrics.
+
+One thread runs a selectors loop over the listening socket, the connections and a signal wake-up pipe; every op
+runs to completion in it (no locks in the engine). NVMe I/O runs inline: a spill is an fdatasync'd O_DIRECT
+write that the client's commit waits for anyway. The metrics endpoint runs in prometheus-client's own thread and
+only reads counters.
+
+Who may connect: the socket file is mode 0660 (socket_mode) owned by root:<group>, and each peer's SO_PEERCRED is
+checked again at accept: root, the daemon's own uid, or a process whose primary or supplementary groups include
+the configured group. A connection binds to one tenant at hello (a tenant may be limited to some uids). Admin ops
+(kvctl pin/evict/policy set) need root or the daemon's uid; read-only admin ops need only the group.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import time
+
+from kvtier.daemon import protocol
+from kvtier.daemon.engine import Engine
+from kvtier.errors import InputError
+
+log = logging.getLogger("kvtier.daemon")
+
+ADMIN_WRITE_OPS = {"pin", "unpin", "evict", "policy_set"}
+PREFETCH_EVERY_S = 1.0
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (Type=notify) READY=1 / WATCHDOG=1 / STOPPING=1 through $NOTIFY_SOCKET; False if not under it."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]   # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+        return True
+    except OSError as e:
+        log.warning("sd_notify %s: %s", state, e)
+        return False
+
+
+def peer_groups(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
+
+
+def build_tiers(cfg) -> list:
+    from kvtier.store import MemoryTier, NvmeTier, codec_from_config
+    tiers = []
+    try:
+        for t in cfg.tiers:
+            if t.kind == "nvme":
+                os.makedirs(t.directory, mode=0o700, exist_ok=True)
+                codec = codec_from_config(t.codec) if t.codec else None
+                tiers.append(NvmeTier(t.name, t.directory, t.capacity_bytes, codec=codec, fsync=t.fsync))
+            else:
+                tiers.append(MemoryTier(t.name, t.kind, t.nodes, t.capacity_bytes, backend=t.backend))
+    except BaseException:
+        for tier in tiers:
+            tier.close()
+        raise
+    return tiers
+
+
+class Connection:
+    __slots__ = ("sock", "uid", "gid", "pid", "tenant", "txns", "leases", "groups", "refused")
+
+    def __init__(self, sock, uid, gid, pid, groups):
+        self.sock, self.uid, self.gid, self.pid, self.groups = sock, uid, gid, pid, groups
+        self.tenant = None
+        self.txns: set[int] = set()
+        self.leases: set[int] = set()
+
+
+class Server:
+    def __init__(self, cfg, config_path: str | None, metrics=None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.metrics = metrics
+        self.tiers = build_tiers(cfg)
+        self.engine = Engine(cfg, self.tiers, metrics)
+        if metrics is not None:
+            metrics.engine = self.engine
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[int, Connection] = {}
+        self.running = True
+        self.reload_wanted = False
+        self.metrics_port = None
+        self.started = time.time()
+        self._ops = {
+            "hello": self.op_hello, "arenas": self.op_arenas, "register_session": self.op_register_session,
+            "end_session": self.op_end_session, "hint": self.op_hint, "put": self.op_put, "commit": self.op_commit,
+            "abort": self.op_abort, "get": self.op_get, "release": self.op_release, "contains": self.op_contains,
+            "delete": self.op_delete, "stats": self.op_stats, "sessions": self.op_sessions,
+            "blocks": self.op_blocks, "explain": self.op_explain, "pin": self.op_pin, "unpin": self.op_unpin,
+            "evict": self.op_evict, "policy": self.op_policy, "policy_set": self.op_policy, "moves": self.op_moves,
+        }
+
+    # -- socket set-up ---------------------------------------------------------------------------------
+    def listen(self) -> None:
+        path = self.cfg.socket
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(path)
+                probe.close()
+                raise OSError(errno.EADDRINUSE, f"{path}: another kvtierd is serving this socket")
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)   # stale socket of a daemon that died
+            finally:
+                probe.close()
+        self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)   # never world-accessible, not even between bind and chmod
+        try:
+            self.lsock.bind(path)
+        finally:
+            os.umask(old)
+        os.chown(path, -1, self.cfg.gid)
+        os.chmod(path, self.cfg.socket_mode)
+        self.lsock.listen(128)
+        self.sel.register(self.lsock, selectors.EVENT_READ, None)
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno())
+        signal.signal(signal.SIGHUP, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        if self.metrics is not None and self.cfg.metrics_host:
+            try:
+                self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
+            except OSError as e:
+                log.warning("metrics endpoint %s:%s not started: %s", self.cfg.metrics_host,
+                            self.cfg.metrics_port, e)
+
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGHUP:
+            self.reload_wanted = True
+        else:
+            self.running = False
+
+    # -- main loop ---------------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        watchdog_us = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        ping_s = watchdog_us / 2e6 if watchdog_us else None
+        last_ping = last_prefetch = time.monotonic()
+        sd_notify(f"READY=1\nSTATUS=serving {self.cfg.socket}\nMAINPID={os.getpid()}")
+        log.info("kvtierd ready on %s (policy %s, tiers %s, metrics %s)", self.cfg.socket, self.engine.policy_name,
+                 ", ".join(f"{t.name}:{t.kind}:{t.capacity_bytes}" for t in self.tiers),
+                 f"{self.cfg.metrics_host}:{self.metrics_port}" if self.metrics_port else "off")
+        spin_s = self.cfg.busy_poll_us / 1e6
+        spin_until = 0.0
+        while self.running:
+            timeout = min(PREFETCH_EVERY_S, ping_s) if ping_s else PREFETCH_EVERY_S
+            if spin_until:
+                # busy-poll right after a request: the next one usually follows within microseconds
+                events = self.sel.select(0)
+                if not events:
+                    if time.perf_counter() < spin_until:
+                        continue
+                    spin_until = 0.0
+                    events = self.sel.select(timeout)
+            else:
+                events = self.sel.select(timeout)
+            if spin_s and events:
+                spin_until = time.perf_counter() + spin_s
+            for key, _ in events:
+                if key.data is None:
+                    self._accept()
+                elif key.data == "wake":
+                    try:
+                        self.wake_r.recv(4096)
+                    except BlockingIOError:
+                        pass
+                else:
+                    try:
+                        self._serve(key.data)
+                    except Exception:   # one connection's failure never takes the daemon down
+                        log.exception("connection of pid %d", key.data.pid)
+                        self._close(key.data)
+            if self.reload_wanted:
+                self.reload_wanted = False
+                self.reload()
+            now = time.monotonic()
+            if ping_s and now - last_ping >= ping_s:
+                sd_notify("WATCHDOG=1")
+                last_ping = now
+            if now - last_prefetch >= PREFETCH_EVERY_S:
+                last_prefetch = now
+                try:
+                    self.engine.prefetch_tick()
+                except Exception:
+                    log.exception("prefetch")
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        sd_notify("STOPPING=1")
+        log.info("kvtierd stopping: closing connections and tiers")
+        try:
+            self.sel.unregister(self.lsock)
+        except (KeyError, ValueError):
+            pass
+        self.lsock.close()
+        try:
+            os.unlink(self.cfg.socket)
+        except OSError:
+            pass
+        for fd in list(self.conns):
+            self._close(self.conns[fd])
+        self.engine.close()   # NvmeTier.close() syncs and closes its index log
+        if self.metrics is not None:
+            self.metrics.stop()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; policy and capacities change live, an invalid file keeps the old one."""
+        from kvtier.daemon import config as config_mod
+        try:
+            new = config_mod.load(self.config_path)
+            if [(t.name, t.kind) for t in new.tiers] != [(t.name, t.kind) for t in self.cfg.tiers]:
+                raise InputError("the tier list changed (names or kinds); that needs a restart")
+        except (InputError, OSError) as e:
+            log.error("reload failed, keeping the old config: %s", e)
+            return
+        self.cfg.tenants = new.tenants
+        self.cfg.min_block_bytes, self.cfg.max_block_bytes = new.min_block_bytes, new.max_block_bytes
+        self.cfg.nominal_block_bytes = new.nominal_block_bytes
+        if new.policy != self.engine.policy_name:
+            self.engine.set_policy(new.policy)
+            self.cfg.policy = new.policy
+        self.engine.set_limits([t.capacity_bytes for t in new.tiers])
+        log.info("reloaded %s: policy %s, capacities %s", self.config_path or "(embedded default)", new.policy,
+                 [t.capacity_bytes for t in new.tiers])
+
+    # -- connections ------------------------------------------------------------------------------------------
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        groups = peer_groups(pid) | {gid}
+        refused = uid not in (0, os.getuid()) and self.cfg.gid not in groups
+        if refused:
+            # Kept open and answered EACCES per request: closing at once would reset the peer before it
+            # could read why. It is closed when the peer goes away.
+            log.warning("refused uid %d (pid %d): not in group %s", uid, pid, self.cfg.group)
+        sock.setblocking(True)   # replies are small; a peer that stops reading gets a send timeout
+        sock.settimeout(5.0)
+        conn = Connection(sock, uid, gid, pid, groups)
+        conn.refused = refused
+        self.conns[sock.fileno()] = conn
+        self.sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _close(self, conn: Connection) -> None:
+        for txn in list(conn.txns):
+            try:
+                self.engine.put_abort(txn)
+            except KeyError:
+                pass
+        for lease in list(conn.leases):
+            self.engine.release(lease)
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        self.conns.pop(conn.sock.fileno(), None)
+        conn.sock.close()
+
+    def _serve(self, conn: Connection) -> None:
+        try:
+            data, fds, truncated = protocol.recv(conn.sock)
+        except (ConnectionResetError, TimeoutError, OSError):
+            self._close(conn)
+            return
+        for fd in fds:   # clients have no reason to send descriptors
+            os.close(fd)
+        if not data and not fds:
+            self._close(conn)
+            return
+        if truncated:
+            self._reply(conn, {"id": 0, "ok": False, "errno": errno.EMSGSIZE,
+                               "error": f"message larger than {protocol.MAX_MESSAGE_BYTES} bytes"})
+            self._close(conn)
+            return
+        t0 = time.perf_counter()
+        rid = None
+        op = "?"
+        try:
+            msg = protocol.unpack(data)
+            if not isinstance(msg, dict):
+                raise OSError(errno.EINVAL, "a request is a map with 'op'")
+            rid = msg.get("id")
+            op = msg.get("op")
+            if conn.refused:
+                raise OSError(errno.EACCES, f"uid {conn.uid} is not in group {self.cfg.group}")
+            handler = self._ops.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise OSError(errno.EINVAL, f"unknown op {op!r}")
+            reply, fds = handler(conn, msg)
+            reply["ok"] = True
+        except OSError as e:
+            reply, fds = {"ok": False, "errno": e.errno or errno.EIO, "error": e.strerror or str(e)}, []
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, IndexError) as e:
+            # msgpack's own errors and wrong field types: the request was malformed
+            log.debug("op %r: malformed request", op, exc_info=True)
+            reply, fds = {"ok": False, "errno": errno.EINVAL, "error": f"malformed request: {e}"}, []
+        except Exception as e:
+            log.exception("op %r failed", op)
+            reply, fds = {"ok": False, "errno": errno.EIO, "error": f"internal error: {e}"}, []
+        if self.metrics is not None and isinstance(op, str) and op in self._ops:
+            self.metrics.observe(op, time.perf_counter() - t0)
+        if rid is None and reply["ok"]:
+            return   # fire-and-forget (release)
+        reply["id"] = rid if isinstance(rid, int) else 0
+        self._reply(conn, reply, fds)
+
+    def _reply(self, conn, reply, fds=()) -> None:
+        try:
+            protocol.send(conn.sock, reply, fds)
+        except OSError as e:
+            if e.errno != errno.EMSGSIZE or not reply.get("ok"):
+                self._close(conn)
+                return
+            self._reply(conn, {"id": reply.get("id", 0), "ok": False, "errno": errno.E2BIG,
+                               "error": f"the reply is larger than {protocol.MAX_MESSAGE_BYTES} bytes; "
+                                        f"ask for fewer rows (limit)"})
+        except Exception as e:   # a reply that does not encode is our bug: say so, keep serving
+            log.exception("reply to %r does not encode", reply.get("id"))
+            self._reply(conn, {"id": reply.get("id", 0), "ok": False, "errno": errno.EIO,
+                               "error": f"internal error encoding the reply: {e}"})
+
+    # -- ops ------------------------------------------------------------------------------------------------------
+    def _tenant(self, conn) -> str:
+        if conn.tenant is None:
+            raise OSError(errno.EPERM, "say hello (bind a tenant) first")
+        return conn.tenant
+
+    @staticmethod
+    def _list(msg, field, limit=1 << 16) -> list:
+        v = msg.get(field)
+        if not isinstance(v, list):
+            raise OSError(errno.EINVAL, f"'{field}' must be a list")
+        if len(v) > limit:
+            raise OSError(errno.E2BIG, f"'{field}' has more than {limit} entries")
+        return v
+
+    @staticmethod
+    def _int(msg, field, optional=False):
+        v = msg.get(field)
+        if v is None and optional:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise OSError(errno.EINVAL, f"'{field}' must be an integer")
+        return v
+
+    def _arena_reply(self, conn) -> tuple[dict, list[int]]:
+        arenas = self.engine.arenas()
+        fds = []
+        for a in arenas:
+            if a["kind"] == "memfd":
+                fds.append(a.pop("fd"))
+            elif a["kind"] == "kvtier":
+                t, idx = self.engine.arena_table[a["arena"]]
+                self.tiers[t].grant(idx, conn.uid)
+        return {"arenas": arenas}, fds
+
+    def op_hello(self, conn, msg):
+        tenant = msg.get("tenant")
+        if not isinstance(tenant, str) or not 0 < len(tenant) <= 128:
+            raise OSError(errno.EINVAL, "'tenant' must be a non-empty string of at most 128 characters")
+        if msg.get("version", protocol.VERSION) != protocol.VERSION:
+            raise OSError(errno.EPROTO, f"protocol version {msg.get('version')!r} not supported; "
+                                        f"this daemon speaks {protocol.VERSION}")
+        tc = self.cfg.tenant(tenant)
+        if tc.uids is not None and conn.uid not in tc.uids:
+            raise OSError(errno.EACCES, f"uid {conn.uid} may not bind to tenant {tenant}")
+        conn.tenant = tenant
+        reply, fds = self._arena_reply(conn)
+        reply.update(tenant=tenant, version=protocol.VERSION, min_block_bytes=self.cfg.min_block_bytes,
+                     max_block_bytes=self.cfg.max_block_bytes,
+                     put_batch_bytes=max(1, min(self.engine.limit_bytes[:self.engine.mem_count]) // 2),
+                     get_batch_blocks=max(1, min(self.engine.limit_bytes[:self.engine.mem_count]) // 2
+                                          // self.cfg.nominal_block_bytes))
+        return reply, fds
+
+    def op_arenas(self, conn, msg):
+        self._tenant(conn)
+        return self._arena_reply(conn)
+
+    def op_register_session(self, conn, msg):
+        name = msg.get("name") or ""
+        if not isinstance(name, str):
+            raise OSError(errno.EINVAL, "'name' must be a string")
+        return {"session": self.engine.register_session(self._tenant(conn), name[:256])}, []
+
+    def op_end_session(self, conn, msg):
+        return {"released": self.engine.end_session(self._tenant(conn), self._int(msg, "session"))}, []
+
+    def op_hint(self, conn, msg):
+        bt = msg.get("block_types")
+        if bt is not None:
+            bt = self._list(msg, "block_types")
+            if not all(isinstance(x, list) and len(x) == 2 for x in bt):
+                raise OSError(errno.EINVAL, "'block_types' is a list of [prefix_hash, type]")
+        state = msg.get("state")
+        if not isinstance(state, str):
+            raise OSError(errno.EINVAL, "'state' must be a string")
+        self.engine.hint(self._tenant(conn), self._int(msg, "session"), state, bt)
+        return {}, []
+
+    def op_put(self, conn, msg):
+        tenant = self._tenant(conn)
+        txn, slots = self.engine.put_reserve(tenant, self._int(msg, "session", True), self._list(msg, "blocks"),
+                                             bool(msg.get("durable", False)))
+        if not any(slots):
+            self.engine.put_commit(txn)   # everything deduplicated: nothing to write
+            return {"txn": 0, "slots": slots, "stored": 0}, []
+        conn.txns.add(txn)
+        return {"txn": txn, "slots": slots, "arena_count": len(self.engine.arena_table)}, []
+
+    def op_commit(self, conn, msg):
+        txn = self._int(msg, "txn")
+        if txn not in conn.txns:
+            raise OSError(errno.ENOENT, f"no open put {txn} on this connection")
+        conn.txns.discard(txn)
+        return {"stored": self.engine.put_commit(txn)}, []
+
+    def op_abort(self, conn, msg):
+        txn = self._int(msg, "txn")
+        if txn not in conn.txns:
+            raise OSError(errno.ENOENT, f"no open put {txn} on this connection")
+        conn.txns.discard(txn)
+        self.engine.put_abort(txn)
+        return {}, []
+
+    def op_get(self, conn, msg):
+        lease, slots, served = self.engine.get(self._tenant(conn), self._int(msg, "session", True),
+                                               self._list(msg, "blocks"))
+        if lease in self.engine.leases:
+            conn.leases.add(lease)
+        return {"lease": lease, "slots": slots, "tiers": served, "arena_count": len(self.engine.arena_table)}, []
+
+    def op_release(self, conn, msg):
+        lease = self._int(msg, "lease")
+        if lease in conn.leases:
+            conn.leases.discard(lease)
+            self.engine.release(lease)
+        return {}, []
+
+    def op_contains(self, conn, msg):
+        return {"tiers": self.engine.contains(self._tenant(conn), self._list(msg, "blocks"))}, []
+
+    def op_delete(self, conn, msg):
+        return {"deleted": self.engine.delete(self._tenant(conn), self._list(msg, "blocks"))}, []
+
+    # admin
+    def _admin(self, conn, write: bool) -> None:
+        if write and conn.uid not in (0, os.getuid()):
+            raise OSError(errno.EPERM, "this needs root or the daemon's user")
+
+    def op_stats(self, conn, msg):
+        st = self.engine.status()
+        from kvtier import kmod
+        st.update(socket=self.cfg.socket, config=self.cfg.source, pid=os.getpid(), uptime_s=time.time() - self.started,
+                  connections=len(self.conns), metrics_port=self.metrics_port,
+                  module={"device": kmod.DEVICE_PATH, "present": os.path.exists(kmod.DEVICE_PATH),
+                          "loaded": os.path.exists("/sys/module/kvtier")},
+                  probes={"loaded": False, "note": "eBPF probes are not wired into the daemon yet"})
+        return st, []
+
+    def op_sessions(self, conn, msg):
+        self._admin(conn, False)
+        rows = []
+        for s in self.engine.sessions.values():
+            if conn.tenant is not None and conn.uid not in (0, os.getuid()) and s.tenant != conn.tenant:
+                continue
+            tiers = {}
+            for k in s.blocks:
+                b = self.engine.blocks.get(k)
+                if b is not None:
+                    name = self.tiers[b.tier].name
+                    tiers[name] = tiers.get(name, 0) + 1
+            rows.append({"session": s.sid, "tenant": s.tenant, "name": s.name, "state": s.state,
+                         "blocks": len(s.blocks), "blocks_by_tier": tiers})
+        return {"sessions": rows}, []
+
+    def op_blocks(self, conn, msg):
+        self._admin(conn, False)
+        sid = self._int(msg, "session", True)
+        tier = msg.get("tier")
+        limit = self._int(msg, "limit", True) or 500
+        eng = self.engine
+        if sid is not None:
+            s = eng.sessions.get(sid)
+            if s is None:
+                raise OSError(errno.ENOENT, f"no session {sid}")
+            pool = (eng.blocks[k] for k in s.blocks if k in eng.blocks)
+        else:
+            pool = eng.blocks.values()
+        names = [t.name for t in self.tiers]
+        if tier is not None and tier not in names:
+            raise OSError(errno.EINVAL, f"no tier {tier!r}; tiers: {', '.join(names)}")
+        rows, total = [], 0
+        for b in pool:
+            if tier is not None and names[b.tier] != tier:
+                continue
+            total += 1
+            if len(rows) < limit:
+                rows.append(b.to_dict(self.tiers))
+        return {"blocks": rows, "total": total}, []
+
+    def op_explain(self, conn, msg):
+        self._admin(conn, False)
+        block = msg.get("block")
+        if not isinstance(block, str):
+            raise OSError(errno.EINVAL, "'block' must be a hex key")
+        return self.engine.explain(block), []
+
+    def _pin(self, conn, msg, unpin):
+        self._admin(conn, True)
+        sid = self._int(msg, "session", True)
+        block = msg.get("block")
+        if (sid is None) == (block is None):
+            raise OSError(errno.EINVAL, "give exactly one of 'block' and 'session'")
+        if block is not None and not isinstance(block, str):
+            raise OSError(errno.EINVAL, "'block' must be a hex key")
+        return {"blocks": self.engine.pin(block, sid, unpin)}, []
+
+    def op_pin(self, conn, msg):
+        return self._pin(conn, msg, False)
+
+    def op_unpin(self, conn, msg):
+        return self._pin(conn, msg, True)
+
+    def op_evict(self, conn, msg):
+        self._admin(conn, True)
+        block = msg.get("block")
+        if not isinstance(block, str):
+            raise OSError(errno.EINVAL, "'block' must be a hex key")
+        return self.engine.evict(block), []
+
+    def op_policy(self, conn, msg):
+        name = msg.get("name")
+        if name is not None:
+            self._admin(conn, True)
+            from kvtier.policy.registry import policy_names
+            if not isinstance(name, str) or name not in policy_names() or name == "opt":
+                raise OSError(errno.EINVAL, f"unknown or offline policy {name!r}; valid: "
+                                            f"{', '.join(n for n in policy_names() if n != 'opt')}")
+            self.engine.set_policy(name)
+            self.cfg.policy = name
+        p0 = self.engine.policies[0]
+        return {"policy": self.engine.policy_name,
+                "tiers": [{"tier": t.name, "capacity_blocks": p.capacity_blocks, "resident_blocks": len(p)}
+                          for t, p in zip(self.tiers, self.engine.policies)],
+                "doc": (type(p0).__doc__ or "").strip().splitlines()[0]}, []
+
+    def op_moves(self, conn, msg):
+        self._admin(conn, False)
+        limit = self._int(msg, "limit", True) or 100
+        return {"moves": list(self.engine.moves)[-limit:]}, []

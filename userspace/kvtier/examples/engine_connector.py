@@ -1,0 +1,94 @@
+"""How an engine's KV offload connector (vLLM KVConnector / LMCache-style) would use kvtierd.
+
+The engine keeps KV in GPU pages of `block_tokens` tokens. After prefill it saves the request's full blocks to
+kvtierd (save_kv); when a later turn arrives it asks which leading blocks kvtierd has (lookup, by chained prefix
+hash) and loads them instead of recomputing (load_kv). Decoding / idle / resume hints let kvtierd keep the
+session's blocks in DRAM while it decodes and prefetch them before the next turn.
+
+Runnable against a daemon:  python -m kvtier.examples.engine_connector --socket /run/kvtier/kvtierd.sock
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import xxhash
+
+from kvtier.client import Client
+
+
+def chained_hashes(tokens: list[int], block_tokens: int, parent: int = 0) -> list[int]:
+    """One 64-bit hash per full block: hash(parent hash, the block's tokens) -- equal prefix, equal hash."""
+    out = []
+    for i in range(0, len(tokens) - len(tokens) % block_tokens, block_tokens):
+        parent = xxhash.xxh3_64_intdigest(parent.to_bytes(8, "little") +
+                                          np.asarray(tokens[i:i + block_tokens], dtype=np.int32).tobytes())
+        out.append(parent)
+    return out
+
+
+class KvtierConnector:
+    """The three calls an engine's connector makes; `layers x 2 x block_tokens x heads x head_dim` per block."""
+
+    def __init__(self, socket_path: str, tenant: str, block_tokens: int = 16):
+        self.kv = Client(socket_path, tenant)
+        self.block_tokens = block_tokens
+        self.sessions: dict[str, int] = {}
+
+    def _session(self, request_id: str) -> int:
+        if request_id not in self.sessions:
+            self.sessions[request_id] = self.kv.register_session(request_id)
+        return self.sessions[request_id]
+
+    def lookup(self, request_id: str, tokens: list[int]) -> int:
+        """How many leading tokens kvtierd can supply (the engine skips prefill for them)."""
+        sid = self._session(request_id)
+        self.kv.hint(sid, "resume")
+        hashes = chained_hashes(tokens, self.block_tokens)
+        hit = 0
+        for where in self.kv.contains(hashes):
+            if where is None:
+                break   # a prefix: the first miss ends it
+            hit += 1
+        return hit * self.block_tokens
+
+    def load_kv(self, request_id: str, tokens: list[int], gpu_blocks: list[np.ndarray]) -> int:
+        """Copy the stored prefix blocks into the engine's (pinned host staging) buffers; returns blocks loaded."""
+        hashes = chained_hashes(tokens, self.block_tokens)[:len(gpu_blocks)]
+        got = self.kv.get(self._session(request_id), hashes, out=gpu_blocks)
+        return next((i for i, g in enumerate(got) if g is None), len(got))
+
+    def save_kv(self, request_id: str, tokens: list[int], blocks: list[np.ndarray]) -> int:
+        """After prefill: store the request's full blocks (a shared prefix is stored once)."""
+        hashes = chained_hashes(tokens, self.block_tokens)
+        sid = self._session(request_id)
+        types = ["prefix"] + ["history"] * (len(hashes) - 1)
+        stored = self.kv.put(sid, list(zip(hashes, types, blocks[:len(hashes)])))
+        self.kv.hint(sid, "decoding")   # its blocks stay in DRAM while it generates
+        return stored
+
+    def request_finished(self, request_id: str) -> None:
+        self.kv.hint(self._session(request_id), "idle")   # may resume: kept, demoted rather than dropped
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--socket", default="/run/kvtier/kvtierd.sock")
+    args = ap.parse_args()
+    conn = KvtierConnector(args.socket, tenant="example")
+    shape = (4, 2, 16, 8, 64)   # layers, K/V, tokens, heads, head_dim
+    turn1 = list(range(100))
+    blocks = [np.random.default_rng(i).standard_normal(shape).astype(np.float16) for i in range(6)]
+    print("turn 1: cached tokens", conn.lookup("conv-1", turn1))
+    print("turn 1: stored blocks", conn.save_kv("conv-1", turn1, blocks))
+    conn.request_finished("conv-1")
+    turn2 = turn1 + list(range(1000, 1040))
+    cached = conn.lookup("conv-1", turn2)
+    staging = [np.empty(shape, np.float16) for _ in range(cached // 16)]
+    loaded = conn.load_kv("conv-1", turn2, staging)
+    assert all(np.array_equal(a, b) for a, b in zip(staging[:loaded], blocks))
+    print(f"turn 2: {cached} tokens cached, {loaded} blocks loaded and verified")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""DRAM / CXL tier: arenas of shared memory placed on NUMA nodes, with a zero-copy client path.
+
+An arena is either a memfd (memfd_create + ftruncate + mmap MAP_SHARED, placed with
+mbind(MPOL_BIND, MPOL_MF_MOVE); clients receive the fd over SCM_RIGHTS) or a kvtier.ko region
+created on nodes[0] (clients attach it after grant(arena, uid) and mmap /dev/kvtier at mmap_offset).
+Blocks are extents of an arena (ExtentAllocator, 64-byte units). A block is visible (contains, get,
+locate) only once committed; commit records the xxh3_64 checksum that every get verifies.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+from dataclasses import dataclass
+
+from kvtier import numa
+from kvtier.store.alloc import ExtentAllocator
+from kvtier.store.base import ChecksumError, Slot, Tier, check_key, checksum, enospc
+
+ALIGN_BYTES = 64  # cache line: blocks never share a line, small blocks waste little
+KMOD_BLOCK_BYTES = 2 << 20  # kvtier.ko region block: a page multiple, the driver's unit of migration
+
+
+@dataclass
+class _Block:
+    arena: int
+    offset: int
+    nbytes: int
+    checksum: int | None  # None while reserved (not yet committed)
+
+
+class _Arena:
+    def __init__(self, kind: str, size: int, buf: mmap.mmap, fd: int = -1, region=None):
+        self.kind = kind
+        self.size = size
+        self.buf = buf
+        self.view = memoryview(buf)
+        self.fd = fd
+        self.region = region
+        self.alloc = ExtentAllocator(size, ALIGN_BYTES)
+        self.addr = numa.address_of(buf) if size else 0
+
+    def handle(self) -> dict:
+        if self.kind == "memfd":
+            return {"kind": "memfd", "fd": self.fd, "size": self.size}
+        return {"kind": "kvtier", "region_id": self.region.id, "mmap_offset": self.region.mmap_offset,
+                "size": self.size}
+
+
+def _numa_maps_pages(addr: int) -> dict[int, int]:
+    """{node: pages} of the mapping starting at `addr`, from /proc/self/numa_maps (no per-page syscalls)."""
+    with open("/proc/self/numa_maps") as f:
+        for line in f:
+            start, _, rest = line.partition(" ")
+            if int(start, 16) == addr:
+                return {int(n): int(p) for n, p in re.findall(r"\bN(\d+)=(\d+)", rest)}
+    return {}
+
+
+class MemoryTier(Tier):
+    """MemoryTier(name, kind, nodes, capacity_bytes, backend="auto"|"memfd"|"kmod")."""
+
+    def __init__(self, name: str, kind: str, nodes: list[int], capacity_bytes: int, backend: str = "auto"):
+        super().__init__(name, kind, capacity_bytes)
+        if kind not in ("dram", "cxl"):
+            raise ValueError(f"tier {name}: a MemoryTier is dram or cxl, not {kind!r}")
+        if backend not in ("auto", "memfd", "kmod"):
+            raise ValueError(f"tier {name}: backend must be auto, memfd or kmod, not {backend!r}")
+        self.nodes = list(nodes)
+        if not self.nodes:
+            raise ValueError(f"tier {name}: nodes must name at least one NUMA node")
+        self._blocks: dict[bytes, _Block] = {}
+        self._pending: dict[bytes, _Block] = {}  # reserved, not yet committed
+        self._arenas: list[_Arena] = []
+        self._dev = None
+        self.backend_note = ""
+        self._stats.update(reserves=0, commits=0, aborts=0, migrations=0, migrated_bytes=0)
+        self._closed = False
+        if backend in ("auto", "kmod"):
+            try:
+                self._open_kmod()
+                self.backend = "kmod"
+            except OSError as e:
+                self._close_arenas()
+                if backend == "kmod":
+                    raise
+                self.backend_note = f"kvtier.ko not used: {e.strerror or e}"
+        if not self._arenas:
+            self._open_memfd()
+            self.backend = "memfd"
+
+    # -- arenas -----------------------------------------------------------------------------------
+
+    def _open_memfd(self) -> None:
+        size = (self.capacity_bytes + numa.PAGE_SIZE - 1) // numa.PAGE_SIZE * numa.PAGE_SIZE
+        fd = os.memfd_create(f"kvtier-{self.name}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            buf = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(fd)
+            raise
+        arena = _Arena("memfd", self.capacity_bytes, buf, fd=fd)
+        self._arenas.append(arena)
+        # The policy lives on the shared memfd object, so pages a client faults in land here too.
+        try:
+            numa.mbind(arena.addr, size, numa.MPOL_BIND, self.nodes, numa.MPOL_MF_MOVE)
+        except OSError as e:
+            self.backend_note = f"mbind to nodes {self.nodes} failed ({e.strerror}); pages go where the kernel puts them"
+
+    def _open_kmod(self) -> None:
+        from kvtier import kmod
+        if not os.path.exists(kmod.DEVICE_PATH):
+            raise OSError(errno.ENOENT, f"no {kmod.DEVICE_PATH}")
+        self._dev = kmod.Device()
+        api = self._dev.api()
+        max_region = api["max_region_bytes"] or self.capacity_bytes
+        max_region -= max_region % KMOD_BLOCK_BYTES
+        left = (self.capacity_bytes + KMOD_BLOCK_BYTES - 1) // KMOD_BLOCK_BYTES * KMOD_BLOCK_BYTES
+        while left > 0:
+            size = min(left, max_region)
+            region = self._dev.create_region(size, KMOD_BLOCK_BYTES, self.nodes[0])
+            buf = self._dev.mmap(region)
+            # capacity is exact: the last arena's rounding is not handed out
+            usable = min(size, self.capacity_bytes - sum(a.alloc.size_bytes for a in self._arenas))
+            arena = _Arena("kvtier", size, buf, region=region)
+            arena.alloc = ExtentAllocator(usable, ALIGN_BYTES)
+            self._arenas.append(arena)
+            left -= size
+
+    def _close_arenas(self) -> None:
+        for arena in self._arenas:
+            try:
+                arena.view.release()
+                arena.buf.close()
+            except BufferError:
+                pass  # a view handed out by view() is still alive; the mapping goes with it
+            if arena.fd >= 0:
+                os.close(arena.fd)
+            if arena.region is not None and self._dev is not None:
+                try:
+                    self._dev.release(arena.region.id)
+                except OSError:
+                    pass
+        self._arenas = []
+        if self._dev is not None:
+            self._dev.close()
+            self._dev = None
+
+    def arenas(self) -> list[dict]:
+        """How a client maps each arena: {"kind": "memfd", "fd", "size"} or
+        {"kind": "kvtier", "region_id", "mmap_offset", "size"}; Slot.arena indexes this list."""
+        return [a.handle() for a in self._arenas]
+
+    def grant(self, arena: int, uid: int, revoke: bool = False) -> None:
+        """Let `uid` attach a kvtier.ko arena (no-op for memfd: holding the fd is the permission)."""
+        a = self._arenas[arena]
+        if a.kind == "kvtier":
+            self._dev.grant(a.region.id, uid, revoke=revoke)
+
+    # -- allocation -------------------------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(a.alloc.used_bytes for a in self._arenas)
+
+    def _alloc(self, nbytes: int) -> Slot | None:
+        for i, arena in enumerate(self._arenas):
+            off = arena.alloc.alloc(nbytes)
+            if off is not None:
+                return Slot(i, off, nbytes)
+        return None
+
+    def _free(self, b: _Block) -> None:
+        self._arenas[b.arena].alloc.free(b.offset, b.nbytes)
+
+    def reserve(self, key: bytes, nbytes: int) -> Slot:
+        """Space for a block a client writes directly; invisible until commit(key)."""
+        key = check_key(key)
+        nbytes = int(nbytes)
+        if nbytes < 0:
+            raise ValueError(f"tier {self.name}: negative block size {nbytes}")
+        with self._lock:
+            self._check_open()
+            old_pending = self._pending.pop(key, None)
+            if old_pending is not None:
+                self._free(old_pending)
+            slot = self._alloc(nbytes)
+            if slot is None:
+                self._stats["enospc"] += 1
+                raise enospc(self.name, nbytes, self.used_bytes, self.capacity_bytes)
+            self._pending[key] = _Block(slot.arena, slot.offset, nbytes, None)
+            self._stats["reserves"] += 1
+            return slot
+
+    def commit(self, key: bytes) -> None:
+        """Checksum what was written into the reserved slot and make the block visible
+        (replacing an older committed block of the same key)."""
+        key = check_key(key)
+        with self._lock:
+            b = self._pending.pop(key, None)
+            if b is None:
+                raise KeyError(key)
+            b.checksum = checksum(self._view(b))
+            old = self._blocks.get(key)
+            if old is not None:
+                self._free(old)
+            self._blocks[key] = b
+            self._stats["commits"] += 1
+            self._stats["puts"] += 1
+            self._stats["bytes_in"] += b.nbytes
+            self._stats["stored_bytes_in"] += b.nbytes
+
+    def abort(self, key: bytes) -> None:
+        key = check_key(key)
+        with self._lock:
+            b = self._pending.pop(key, None)
+            if b is None:
+                raise KeyError(key)
+            self._free(b)
+            self._stats["aborts"] += 1
+
+    def locate(self, key: bytes) -> Slot:
+        """Where a client reads a committed block (KeyError if absent)."""
+        with self._lock:
+            b = self._blocks[check_key(key)]
+            return Slot(b.arena, b.offset, b.nbytes)
+
+    def checksum_of(self, key: bytes) -> int:
+        """The recorded xxh3_64 of a committed block (for a client that verifies what it reads)."""
+        with self._lock:
+            return self._blocks[check_key(key)].checksum
+
+    def verify(self, key: bytes) -> bool:
+        """Whether a committed block still matches its checksum (drops it if not)."""
+        with self._lock:
+            b = self._blocks[check_key(key)]
+            if checksum(self._view(b)) == b.checksum:
+                return True
+            self._drop_corrupt(key, b)
+            return False
+
+    def view(self, slot: Slot) -> memoryview:
+        """A writable view of a slot, for the daemon's own access."""
+        arena = self._arenas[slot.arena]
+        if slot.offset < 0 or slot.offset + slot.nbytes > arena.size:
+            raise ValueError(f"slot {slot} is outside arena {slot.arena} ({arena.size} bytes)")
+        return arena.view[slot.offset:slot.offset + slot.nbytes]
+
+    def _view(self, b: _Block) -> memoryview:
+        return self._arenas[b.arena].view[b.offset:b.offset + b.nbytes]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"tier {self.name} is closed")
+
+    # -- Tier -------------------------------------------------------------------------------------
+
+    def put(self, key: bytes, data) -> int:
+        src = memoryview(data).cast("B")
+        try:
+            slot = self.reserve(key, src.nbytes)
+        except OSError as e:
+            slot = self._reserve_in_place_of(key, src.nbytes, e)
+        try:
+            self.view(slot)[:] = src
+        except BaseException:
+            self.abort(key)
+            raise
+        self.commit(key)
+        return src.nbytes
+
+    def _reserve_in_place_of(self, key: bytes, nbytes: int, error: OSError) -> Slot:
+        """A full tier can still overwrite a block with one that fits once the old one is freed
+        (the old block stops being visible from here on; on failure it is put back untouched)."""
+        key = check_key(key)
+        with self._lock:
+            old = self._blocks.get(key)
+            if error.errno != errno.ENOSPC or old is None:
+                raise error
+            self._free(old)
+            slot = self._alloc(nbytes)
+            if slot is None:
+                arena = self._arenas[old.arena].alloc
+                if not arena.alloc_at(old.offset, old.nbytes):  # cannot happen: nothing ran in between
+                    del self._blocks[key]
+                raise error
+            del self._blocks[key]
+            self._pending[key] = _Block(slot.arena, slot.offset, nbytes, None)
+            self._stats["enospc"] -= 1
+            self._stats["reserves"] += 1
+            return slot
+
+    def _drop_corrupt(self, key: bytes, b: _Block) -> None:
+        del self._blocks[key]
+        self._free(b)
+        self._stats["checksum_failures"] += 1
+
+    def _lookup(self, key: bytes) -> _Block:
+        b = self._blocks.get(check_key(key))
+        self._stats["gets"] += 1
+        if b is None:
+            self._stats["misses"] += 1
+            raise KeyError(key)
+        return b
+
+    def get(self, key: bytes) -> bytes:
+        with self._lock:
+            b = self._lookup(key)
+            data = bytes(self._view(b))
+            if checksum(data) != b.checksum:
+                self._drop_corrupt(key, b)
+                raise ChecksumError(self.name, key)
+            self._stats["hits"] += 1
+            self._stats["bytes_out"] += b.nbytes
+            return data
+
+    def get_into(self, key: bytes, out) -> int:
+        with self._lock:
+            b = self._lookup(key)
+            dst = memoryview(out).cast("B")
+            if dst.nbytes < b.nbytes:
+                raise ValueError(f"tier {self.name}: buffer of {dst.nbytes} bytes < block of {b.nbytes}")
+            dst = dst[:b.nbytes]
+            dst[:] = self._view(b)
+            # verify what the caller got, not the source afterwards
+            if checksum(dst) != b.checksum:
+                self._drop_corrupt(key, b)
+                raise ChecksumError(self.name, key)
+            self._stats["hits"] += 1
+            self._stats["bytes_out"] += b.nbytes
+            return b.nbytes
+
+    def contains(self, key: bytes) -> bool:
+        return bytes(key) in self._blocks
+
+    def delete(self, key: bytes) -> bool:
+        with self._lock:
+            b = self._blocks.pop(check_key(key), None)
+            if b is None:
+                return False
+            self._free(b)
+            self._stats["deletes"] += 1
+            return True
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return list(self._blocks)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    # -- placement --------------------------------------------------------------------------------
+
+    def node_pages(self) -> dict[int, int]:
+        """{node: resident pages} over all arenas."""
+        out: dict[int, int] = {}
+        for a in self._arenas:
+            if a.kind == "kvtier":
+                pages = {n: b // numa.PAGE_SIZE for n, b in self._dev.info(a.region.id)["node_bytes"].items()}
+            else:
+                pages = _numa_maps_pages(a.addr)
+            for n, p in pages.items():
+                out[n] = out.get(n, 0) + p
+        return out
+
+    def migrate_to(self, node: int) -> int:
+        """Move every arena's pages to `node` (kmod: the driver's migrate ioctl; memfd: mbind with
+        MPOL_MF_MOVE_ALL, or MPOL_MF_MOVE without CAP_SYS_NICE); returns the bytes moved."""
+        node = int(node)
+        moved = 0
+        with self._lock:
+            self._check_open()
+            for a in self._arenas:
+                if a.kind == "kvtier":
+                    moved += self._dev.migrate(a.region.id, 0, a.region.nr_blocks, node)[0]
+                    continue
+                before = _numa_maps_pages(a.addr).get(node, 0)
+                length = (a.size + numa.PAGE_SIZE - 1) // numa.PAGE_SIZE * numa.PAGE_SIZE
+                try:
+                    # MOVE_ALL also moves pages a client has mapped too
+                    numa.mbind(a.addr, length, numa.MPOL_BIND, [node], numa.MPOL_MF_MOVE_ALL)
+                except OSError as e:
+                    if e.errno != errno.EPERM:
+                        raise
+                    numa.mbind(a.addr, length, numa.MPOL_BIND, [node], numa.MPOL_MF_MOVE)
+                after = _numa_maps_pages(a.addr).get(node, 0)
+                moved += max(0, after - before) * numa.PAGE_SIZE
+            self.nodes = [node]
+            self._stats["migrations"] += 1
+            self._stats["migrated_bytes"] += moved
+        return moved
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out.update(backend=self.backend, nodes=list(self.nodes), arenas=len(self._arenas),
+                   reserved_blocks=len(self._pending))
+        if self.backend_note:
+            out["backend_note"] = self.backend_note
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._blocks.clear()
+            self._pending.clear()
+            self._close_arenas()

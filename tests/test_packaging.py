@@ -1,5 +1,6 @@
 """`pip install .` builds the cffi extension and installs kvctl, kvtierd and every subpackage."""
 import configparser
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -9,13 +10,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_has_extension_commands_and_subpackages(tmp_path):
+    # Build from a copy of the tracked files: a stale build/ in the checkout must not hide a missing module.
+    src = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
+    for name in tracked.decode().split("\0"):
+        if name and (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
     # --no-build-isolation: build with the venv's setuptools/cffi, so the test needs no network.
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(REPO)], check=True, cwd=tmp_path)
+                    "-w", str(tmp_path), str(src)], check=True, cwd=tmp_path)
     (wheel,) = tmp_path.glob("kvtier-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("kvtier/_native") and n.endswith(".so") for n in names)
-    for module in ("kvtier/numa.py", "kvtier/cli/__init__.py", "kvtier/cuda/__init__.py", "kvtier/daemon.py"):
+    for module in ("kvtier/numa.py", "kvtier/cli/__init__.py", "kvtier/cuda/__init__.py",
+                   "kvtier/daemon/__init__.py", "kvtier/store/__init__.py"):
         assert module in names
     assert any(n.startswith("kvtier/data/models/") and n.endswith(".json") for n in names)
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]

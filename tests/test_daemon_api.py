@@ -34,7 +34,36 @@ def daemon(daemon_dir):
     assert d.stop() == 0, d.log.read_text()[-2000:]
 
 
-def test_round_trip_through_every_tier(daemon):
+# The core tests run twice: on the host (memfd tiers) and in the tiered guest with kvtier.ko loaded, where the
+# memory tiers are module regions and the CXL tier sits on node 1, the guest's lower-tier node.
+BACKENDS = [pytest.param("memfd", id="memfd"), pytest.param("kmod", id="kmod", marks=pytest.mark.guest("tiered"))]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def core_daemon(request):
+    """One daemon for the core tests (they use distinct tenants and hashes): a start takes ~10 s under TCG."""
+    d_dir = short_dir()
+    if request.param == "kmod":
+        request.getfixturevalue("kvtier_module")
+        cfg = write_config(d_dir, backend="kmod", cxl_node=1)
+    else:
+        cfg = write_config(d_dir)
+    d = Daemon(d_dir, cfg).start(timeout_s=120)
+    try:
+        if request.param == "kmod":
+            assert [t["backend"] for t in d.stats()["tiers"][:2]] == ["kmod", "kmod"]
+            with Client(d.socket, "probe") as kv:   # clients map module regions the daemon granted them
+                assert kv.hello["arenas"] and all(a["kind"] == "kvtier" for a in kv.hello["arenas"])
+        yield d
+        assert d.stop() == 0, d.log.read_text()[-2000:]
+    finally:
+        if d.alive():
+            d.kill9()
+        shutil.rmtree(d_dir, ignore_errors=True)
+
+
+def test_round_trip_through_every_tier(core_daemon):
+    daemon = core_daemon
     n = 60   # 60 x 16 KiB = 960 KiB against 256 KiB DRAM + 256 KiB CXL: most blocks spill to NVMe
     with Client(daemon.socket, "acme") as kv:
         sid = kv.register_session("conv")
@@ -74,7 +103,8 @@ def test_dedup_one_copy_per_prefix(daemon):
             assert other.get(None, [8])[0].tobytes() == block_bytes(8, 4096)
 
 
-def test_tenants_do_not_see_each_other(daemon):
+def test_tenants_do_not_see_each_other(core_daemon):
+    daemon = core_daemon
     with Client(daemon.socket, "alpha") as a, Client(daemon.socket, "beta") as b:
         a.put(None, [(42, "prefix", block_bytes(1, 4096))])
         assert a.contains([42]) == ["dram0"]
@@ -154,7 +184,8 @@ def _raw(path):
     return s
 
 
-def test_malformed_messages_get_errors_and_daemon_keeps_serving(daemon):
+def test_malformed_messages_get_errors_and_daemon_keeps_serving(core_daemon):
+    daemon = core_daemon
     rng = np.random.default_rng(1)
     bad = [rng.integers(0, 256, int(n), dtype=np.uint8).tobytes() for n in rng.integers(1, 300, 60)]
     bad += [msgpack.packb(x) for x in (
@@ -273,7 +304,8 @@ def test_decoding_session_blocks_never_evicted(daemon):
 def test_config_errors_name_the_key(daemon_dir):
     cases = {'policy = "nope"': "policy", 'bogus = 1': "bogus", '[[tiers]]\nkind = "tape"\ncapacity = 1': "kind",
              '[[tiers]]\nkind = "dram"\ncapacity = "lots"': "capacity", 'metrics = "nohost"': "metrics",
-             'group = "no-such-group-x"': "group"}
+             'group = "no-such-group-x"': "group", '[admins]\nuids = ["x"]': "admins.uids",
+             '[admins]\ngroups = ["no-such-group-x"]': "admins.groups", '[admins]\nusers = [1]': "admins.users"}
     for text, key in cases.items():
         p = daemon_dir / "bad.toml"
         p.write_text(text + "\n")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from daemon_proc import KVTIERD, Daemon, block_bytes, short_dir, write_config
+from daemon_proc import KVTIERD, Daemon, block_bytes, short_dir, wait_for, write_config
 from kvtier.client import Client
 
 WRITER = textwrap.dedent("""
@@ -57,17 +57,31 @@ def _verify(d: Daemon, acked: dict[int, bool]) -> tuple[int, int]:
 
 @pytest.mark.parametrize("round_", range(6))
 def test_kill9_during_spill_then_restart(round_, tmp_path):
+    kill9_rounds(round_, tmp_path, lives=2)
+
+
+@pytest.mark.guest("tiered")
+def test_kill9_with_module(kvtier_module, tmp_path):
+    """The same, with kvtier.ko regions as the memory tiers (one round: the guest runs under TCG)."""
+    kill9_rounds(0, tmp_path, lives=1, backend="kmod", cxl_node=1)
+
+
+def kill9_rounds(round_, tmp_path, lives, **cfg):
     d_dir = short_dir()
     try:
-        d = Daemon(d_dir, write_config(d_dir, dram="128KiB", cxl="128KiB", nvme="64MiB")).start()
+        d = Daemon(d_dir, write_config(d_dir, dram="128KiB", cxl="128KiB", nvme="64MiB", **cfg)).start(120)
         acked: dict[int, bool] = {}
         ack_path = tmp_path / "acks"
         rng = random.Random(round_)
         start = 0
-        for life in range(2):   # two crashes per round, traffic resumes on the recovered store
+        for life in range(lives):   # crashes per round, traffic resumes on the recovered store
+            acks_before = ack_path.stat().st_size if ack_path.exists() else 0
             w = subprocess.Popen([sys.executable, "-c", WRITER, d.socket, str(ack_path), str(start)],
                                  cwd=str(__import__("pathlib").Path(__file__).parent),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # the kill lands at a random moment of the traffic, counted from the writer's first acknowledgement
+            # (its start-up takes seconds under TCG)
+            assert wait_for(lambda: ack_path.exists() and ack_path.stat().st_size > acks_before, 120, 0.02)
             time.sleep(rng.uniform(0.4, 1.2))
             d.kill9()
             w.wait(10)
@@ -76,7 +90,7 @@ def test_kill9_during_spill_then_restart(round_, tmp_path):
                 acked[int(h)] = acked.get(int(h), False) or dur == "1"
             assert acked, "the writer acknowledged nothing"
             start = max(acked) + 1000
-            d.start()
+            d.start(120)
             durable, present = _verify(d, acked)
             assert durable > 0 and present >= durable
         assert d.stop() == 0

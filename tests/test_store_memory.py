@@ -74,7 +74,16 @@ def test_capacity_never_exceeded_under_churn(tier):
     tier.put(key(1), b"\1" * tier.capacity_bytes)
 
 
-def test_corruption_detected_and_dropped(tier):
+@pytest.fixture
+def commit_tier():
+    t = MemoryTier("dram0", "dram", [0], 4 << 20, backend="memfd", checksum="commit")
+    yield t
+    t.close()
+
+
+def test_corruption_detected_and_dropped(commit_tier):
+    """checksum="commit": checksummed at commit, verified on every get."""
+    tier = commit_tier
     tier.put(key(1), b"a" * 5000)
     slot = tier.locate(key(1))
     tier.view(slot)[100] ^= 0xFF
@@ -89,6 +98,27 @@ def test_corruption_detected_and_dropped(tier):
     with pytest.raises(ChecksumError):
         tier.get_into(key(2), memoryview(bytearray(5000)))
     assert tier.stats()["checksum_failures"] == 2 and tier.used_bytes == 0
+
+
+def test_lazy_checksum_recorded_on_demand_then_verified(tier):
+    """The default (lazy) commit records no checksum; checksum_of() records one that gets then verify."""
+    assert tier.stats()["checksum"] == "lazy"
+    tier.put(key(1), b"a" * 5000)
+    tier.view(tier.locate(key(1)))[100] ^= 0xFF  # no checksum yet: nothing to catch this with
+    assert tier.get(key(1)) == b"a" * 100 + bytes([ord("a") ^ 0xFF]) + b"a" * 4899
+    tier.put(key(2), b"b" * 5000)
+    assert tier.checksum_of(key(2)) == checksum(b"b" * 5000)  # what a move to NVMe records
+    assert tier.verify(key(2))
+    tier.view(tier.locate(key(2)))[0] = 0
+    assert not tier.verify(key(2)) and not tier.contains(key(2))
+    tier.put(key(3), b"c" * 5000)
+    assert tier.verify(key(3))  # the first verify records the checksum ...
+    tier.view(tier.locate(key(3)))[7] = 0
+    with pytest.raises(ChecksumError):  # ... which later gets check
+        tier.get_into(key(3), memoryview(bytearray(5000)))
+    assert tier.stats()["checksum_failures"] == 2
+    with pytest.raises(ValueError):
+        MemoryTier("x", "dram", [0], 1 << 20, backend="memfd", checksum="never")
 
 
 def test_zero_copy_through_a_client_mapping(tier):
@@ -180,3 +210,18 @@ def test_kmod_arena_round_trip_and_migrate(kvtier_dev):
         assert t.get(key(1)) == data
     finally:
         t.close()
+
+
+def test_large_blocks_start_on_a_page(tier):
+    """Blocks of 64 KiB and more are page-aligned (O_DIRECT spills/fills use the slot itself), and the
+    alignment slack goes back to the allocator."""
+    tier.put(key(1), b"s" * 100)   # knocks the next free offset off a page boundary
+    for i in range(2, 6):
+        tier.put(key(i), bytes([i]) * (65536 + 1000 * i))
+        assert tier.locate(key(i)).offset % mmap.PAGESIZE == 0
+        assert tier.get(key(i)) == bytes([i]) * (65536 + 1000 * i)
+    assert tier.used_bytes == 128 + sum((65536 + 1000 * i + 63) // 64 * 64 for i in range(2, 6))
+    for i in range(1, 6):
+        tier.delete(key(i))
+    assert tier.used_bytes == 0
+    tier.put(key(7), b"\1" * tier.capacity_bytes)   # slack coalesced: the whole capacity fits again

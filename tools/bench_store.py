@@ -3,16 +3,23 @@
 
     .venv/bin/python tools/bench_store.py --dir /var/tmp [--total-mib 256] [--json]
 
-  nvme put / get   NvmeTier (O_DIRECT, checksum, fdatasync of data and index before put returns)
-                   vs `dd if=/dev/zero of=F bs=SIZE count=N oflag=direct` and `dd if=F of=/dev/null
-                   iflag=direct` on the same filesystem, 64 KiB .. 64 MiB blocks (target >= 0.9 for large)
-  memory put/get   MemoryTier (memfd arena, pre-faulted) put / get_into vs numpy.copyto of the same bytes
+  nvme put / get   NvmeTier (O_DIRECT, checksum, fdatasync of data and index before put returns) from and
+                   into a page-aligned buffer (as from a memfd arena slot: no bounce copy), on the same
+                   filesystem, 64 KiB .. 64 MiB blocks (target >= 0.9 for large). Baselines, fairly:
+                     put      vs `dd oflag=direct,dsync` (every block durable before the next, like put)
+                     put_many vs `dd oflag=direct conv=fdatasync` (one sync for the lot, like a group commit
+                              of all N blocks)
+                     get_into vs `dd iflag=direct`
+                   `dd oflag=direct` without any sync is shown too (put_vs_dd_nosync: not durable, unfair).
+  memory put/get   MemoryTier (memfd arena, pre-faulted, checksum="lazy" unless --memory-checksum commit)
+                   put / get_into vs numpy.copyto of the same bytes
   codecs           zstd / lz4 ratio and MB/s on KV-like fp16 blocks; int8 / int4 size and error
 """
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -51,42 +58,58 @@ def bench_nvme(directory: str, total: int, repeats: int) -> list[dict]:
     rows = []
     for size in SIZES:
         n = max(4, min(2000, total // size))
-        data = np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8).tobytes()
+        # page-aligned, like a memfd arena slot the daemon spills from / fills into
+        src = mmap.mmap(-1, size)
+        src[:] = np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8).tobytes()
+        out = mmap.mmap(-1, size)
+        data, outv = memoryview(src), memoryview(out)
         work = tempfile.mkdtemp(prefix="bench-store-", dir=directory)
         try:
             ddfile = os.path.join(work, "dd")
-            dd_w = best_of(repeats, lambda: dd_seconds([f"if=/dev/zero", f"of={ddfile}", f"bs={size}",
-                                                       f"count={n}", "oflag=direct"]))
+            dd = [f"if=/dev/zero", f"of={ddfile}", f"bs={size}", f"count={n}"]
+            dd_w = best_of(repeats, lambda: dd_seconds(dd + ["oflag=direct"]))
+            dd_dsync = best_of(repeats, lambda: dd_seconds(dd + ["oflag=direct,dsync"]))
+            dd_fsync = best_of(repeats, lambda: dd_seconds(dd + ["oflag=direct", "conv=fdatasync"]))
             dd_r = best_of(repeats, lambda: dd_seconds([f"if={ddfile}", "of=/dev/null", f"bs={size}",
                                                        f"count={n}", "iflag=direct"]))
             os.unlink(ddfile)
             cap = n * (size + 4096) + (1 << 20)
-            put_s, get_s = [], []
+            put_s, many_s, get_s = [], [], []
             for r in range(repeats):
                 d = os.path.join(work, f"s{r}")
                 t = NvmeTier("bench", d, cap)
                 put_s.append(timed(lambda: [t.put(key(i), data) for i in range(n)]))
-                out = bytearray(size)
-                get_s.append(timed(lambda: [t.get_into(key(i), out) for i in range(n)]))
-                assert bytes(out) == data
+                get_s.append(timed(lambda: [t.get_into(key(i), outv) for i in range(n)]))
+                assert out[:] == src[:]
                 t.close()
                 shutil.rmtree(d)
-            put, get = min(put_s), min(get_s)
+                t = NvmeTier("bench", d, cap)
+                many_s.append(timed(lambda: t.put_many([(key(i), data) for i in range(n)])))
+                assert t.get(key(n - 1)) == src[:]
+                t.close()
+                shutil.rmtree(d)
+            put, many, get = min(put_s), min(many_s), min(get_s)
             mib = n * size / (1 << 20)
-            rows.append({"block_bytes": size, "blocks": n, "put_mib_s": mib / put, "dd_write_mib_s": mib / dd_w,
-                         "put_vs_dd": dd_w / put, "get_mib_s": mib / get, "dd_read_mib_s": mib / dd_r,
-                         "get_vs_dd": dd_r / get})
+            rows.append({"block_bytes": size, "blocks": n, "put_mib_s": mib / put,
+                         "dd_dsync_mib_s": mib / dd_dsync, "put_vs_dd_dsync": dd_dsync / put,
+                         "put_many_mib_s": mib / many, "dd_fdatasync_mib_s": mib / dd_fsync,
+                         "put_many_vs_dd_fdatasync": dd_fsync / many,
+                         "dd_nosync_mib_s": mib / dd_w, "put_vs_dd_nosync": dd_w / put,
+                         "get_mib_s": mib / get, "dd_read_mib_s": mib / dd_r, "get_vs_dd": dd_r / get})
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            del data, outv
+            src.close()
+            out.close()
     return rows
 
 
-def bench_memory(total: int, repeats: int) -> list[dict]:
+def bench_memory(total: int, repeats: int, checksum: str = "lazy") -> list[dict]:
     rows = []
     for size in SIZES:
         n = max(4, min(2000, total // size))
         src = np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8)
-        t = MemoryTier("bench", "dram", [0], n * (size + 64), backend="memfd")
+        t = MemoryTier("bench", "dram", [0], n * (size + 64), backend="memfd", checksum=checksum)
         try:
             for i in range(n):  # fault the arena in: measure copies, not page allocation
                 t.put(key(i), src)
@@ -154,18 +177,24 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default="/var/tmp", help="directory on the filesystem under test")
     ap.add_argument("--total-mib", type=int, default=256, help="bytes per block size and measurement")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory-checksum", choices=["lazy", "commit"], default="lazy")
+    ap.add_argument("--skip-nvme", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     total = args.total_mib << 20
-    res = {"nvme": bench_nvme(args.dir, total, args.repeats), "memory": bench_memory(total, args.repeats),
+    res = {"nvme": [] if args.skip_nvme else bench_nvme(args.dir, total, args.repeats),
+           "memory": bench_memory(total, args.repeats, args.memory_checksum),
            "codecs": bench_codecs(args.repeats)}
     if args.json:
         json.dump(res, sys.stdout, indent=1)
         print()
     else:
-        print(table(res["nvme"], f"NvmeTier on {args.dir} vs dd O_DIRECT (put: fdatasync'd, durable)"))
-        print()
-        print(table(res["memory"], "MemoryTier (memfd) vs numpy memcpy"))
+        if res["nvme"]:
+            print(table(res["nvme"], f"NvmeTier on {args.dir} vs dd O_DIRECT (put: durable per block, vs dd "
+                                     "dsync; put_many: one group commit, vs dd conv=fdatasync; nosync: not "
+                                     "durable)"))
+            print()
+        print(table(res["memory"], f"MemoryTier (memfd, checksum={args.memory_checksum}) vs numpy memcpy"))
         print()
         print(table(res["codecs"], "codecs on a KV-like fp16 block (256 tokens x 8 heads x 128)"))
     return 0

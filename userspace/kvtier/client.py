@@ -47,7 +47,8 @@ class Client:
         self.busy_poll_s = busy_poll_s   # spin this long for a reply before sleeping (0: never spin)
         self.tenant = tenant
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout_s)
+        protocol.set_timeouts(self.sock, timeout_s)   # kernel timeouts: no poll() before every send/recv
+        self._buf = protocol.new_buffer()
         try:
             self.sock.connect(socket_path)
         except OSError:
@@ -66,11 +67,20 @@ class Client:
         self._id += 1
         fields["op"], fields["id"] = op, self._id
         protocol.send(self.sock, fields)
-        self._collect_commits()
+        try:
+            self._collect_commits()
+        except DaemonError as e:
+            # Read this request's reply anyway, or it would be taken for the next request's (replies carry
+            # no check against that). A put's reservation dropped here is aborted when the connection closes.
+            try:
+                self._reply()
+            except DaemonError:
+                pass
+            raise e
         return self._reply()
 
     def _reply(self) -> dict:
-        data, fds, _ = protocol.recv_reply(self.sock, self.busy_poll_s)
+        data, fds, _ = protocol.recv_reply(self.sock, self.busy_poll_s, self._buf)
         if not data:
             for fd in fds:
                 os.close(fd)
@@ -274,22 +284,25 @@ class Client:
         return self._call(op, **fields)
 
 
-def admin_call(socket_path: str, op: str, **fields) -> dict:
-    """One request without binding a tenant (kvctl): connect, ask, close."""
+def admin_call(socket_path: str, op: str, tenant: str | None = None, **fields) -> dict:
+    """One request (kvctl): connect, ask, close. Without a tenant the daemon needs an admin identity (root, its
+    own uid, or [admins] of its config) and shows every tenant; with one, the request sees that tenant only."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    sock.settimeout(30.0)
+    protocol.set_timeouts(sock, 30.0)
     try:
         sock.connect(socket_path)
-        fields.update(op=op, id=1)
-        protocol.send(sock, fields)
-        data, fds, _ = protocol.recv(sock)
-        for fd in fds:
-            os.close(fd)
+        msgs = ([{"op": "hello", "id": 1, "tenant": tenant, "version": protocol.VERSION}] if tenant else [])
+        msgs.append({**fields, "op": op, "id": 2})
+        for msg in msgs:
+            protocol.send(sock, msg)
+            data, fds, _ = protocol.recv_reply(sock, 0)
+            for fd in fds:
+                os.close(fd)   # hello's arenas: this one-shot call moves no block bytes
+            if not data:
+                raise DaemonError(errno.ECONNRESET, "kvtierd closed the connection")
+            reply = protocol.unpack(data)
+            if not reply.get("ok"):
+                raise DaemonError(reply.get("errno") or errno.EIO, f"kvtierd: {reply.get('error')}")
     finally:
         sock.close()
-    if not data:
-        raise DaemonError(errno.ECONNRESET, "kvtierd closed the connection")
-    reply = protocol.unpack(data)
-    if not reply.get("ok"):
-        raise DaemonError(reply.get("errno") or errno.EIO, f"kvtierd: {reply.get('error')}")
     return reply

@@ -3,6 +3,10 @@
 Examples:
   kvctl status
   kvctl status --socket /run/kvtier/kvtierd.sock --json
+  KVTIER_TENANT=acme kvctl blocks     # a non-admin user: bind tenant acme, see only its blocks and sessions
+
+kvctl's daemon commands connect without a tenant, which only an admin may (root, the daemon's user, or [admins]
+of the config): admins see every tenant. Anyone else sets $KVTIER_TENANT and sees that tenant only.
 """
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ import os
 import click
 
 from kvtier.cli.common import human_bytes, table
+
+
+TENANT_ENV = "KVTIER_TENANT"
 
 
 def default_socket() -> str:
@@ -36,7 +43,7 @@ def call(socket_path: str | None, op: str, **fields) -> dict:
     from kvtier.client import admin_call
     path = socket_path or default_socket()
     try:
-        reply = admin_call(path, op, **fields)
+        reply = admin_call(path, op, tenant=os.environ.get(TENANT_ENV) or None, **fields)
     except (FileNotFoundError, ConnectionRefusedError) as e:
         raise OSError(e.errno, f"kvtierd is not running (no daemon at {path})") from None
     except PermissionError as e:
@@ -51,6 +58,8 @@ def emit(as_json: bool, obj, human) -> None:
 
 
 def render(st: dict) -> str:
+    if not st.get("admin", True):
+        return render_tenant(st)
     rows = [["TIER", "KIND", "USED", "CAPACITY", "USE%", "BLOCKS", "HITS", "BACKEND"]]
     for t in st["tiers"]:
         pct = 100.0 * t["used_bytes"] / t["capacity_bytes"] if t["capacity_bytes"] else 0.0
@@ -70,6 +79,15 @@ def render(st: dict) -> str:
              f"{'loaded' if st['probes']['loaded'] else 'not loaded'}; metrics: "
              f"{'port ' + str(st['metrics_port']) if st['metrics_port'] else 'off'}"]
     return "\n".join(lines)
+
+
+def render_tenant(st: dict) -> str:
+    """A tenant's view: tier sizes and its own counts (other tenants' use is not shown to it)."""
+    rows = [["TIER", "KIND", "CAPACITY", "BACKEND"]]
+    rows += [[t["name"], t["kind"], human_bytes(t["capacity_bytes"]), t["backend"]] for t in st["tiers"]]
+    return "\n".join([f"kvtierd pid {st['pid']} on {st['socket']}, policy {st['policy']}, tenant {st['tenant']}",
+                      table(rows, right={2}),
+                      f"sessions {st['sessions']}, blocks {st['blocks']} ({st['pinned_blocks']} pinned)"])
 
 
 @click.command("status", epilog="\b\n" + __doc__[__doc__.index("Examples:"):])

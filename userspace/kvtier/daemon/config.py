@@ -31,6 +31,10 @@
     [tenants.acme]                        # optional: a tenant's salt and the uids allowed to bind to it
     salt = "acme-2026"
     uids = [1000]
+
+    [admins]                              # optional: who gets the all-tenant view and pin/evict/policy set
+    uids = [1001]                         # (root and the daemon's own uid always do)
+    groups = ["kvadmin"]
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ DEFAULT_NVME_FRACTION = 0.5    # of the state directory's free disk
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
 _TOP_KEYS = {"socket", "group", "socket_mode", "state_dir", "policy", "metrics", "blocks", "tiers", "tenants",
-             "busy_poll_us"}
+             "busy_poll_us", "admins"}
 
 
 @dataclass
@@ -92,6 +96,8 @@ class Config:
     tenants: dict[str, TenantConfig]
     source: str = "(embedded default)"
     busy_poll_us: int = 500
+    admin_uids: tuple = ()   # besides root and the daemon's uid (tuples: --check prints them as JSON lists)
+    admin_gids: tuple = ()
 
     def tenant(self, name: str) -> TenantConfig:
         # An unconfigured tenant gets its name as salt: tenants never share blocks unless configured to.
@@ -193,7 +199,8 @@ def from_dict(d: dict, source: str) -> Config:
     if unknown:
         raise InputError(f"{w}unknown key '{sorted(unknown)[0]}'; valid: {', '.join(sorted(_TOP_KEYS))}")
     for key, t in (("socket", str), ("group", str), ("state_dir", str), ("policy", str), ("metrics", str),
-                   ("socket_mode", int), ("busy_poll_us", int), ("blocks", dict), ("tiers", list), ("tenants", dict)):
+                   ("socket_mode", int), ("busy_poll_us", int), ("blocks", dict), ("tiers", list), ("tenants", dict),
+                   ("admins", dict)):
         if key in d:
             _check_type(d, key, t, w)
     socket = d.get("socket") or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
@@ -247,9 +254,37 @@ def from_dict(d: dict, source: str) -> Config:
         if uids is not None and (not isinstance(uids, list) or not all(isinstance(u, int) and u >= 0 for u in uids)):
             raise InputError(f"{where}uids: expected a list of uids, got {uids!r}")
         tenants[name] = TenantConfig(name, salt.encode(), uids)
+    admin_uids, admin_gids = _admins(d.get("admins", {}), w)
     return Config(socket=socket, gid=gid, group=group, socket_mode=mode, state_dir=state_dir, policy=policy,
                   metrics_host=mhost, metrics_port=mport, min_block_bytes=min_b, max_block_bytes=max_b,
-                  nominal_block_bytes=nominal, tiers=tiers, tenants=tenants, source=source, busy_poll_us=busy)
+                  nominal_block_bytes=nominal, tiers=tiers, tenants=tenants, source=source, busy_poll_us=busy,
+                  admin_uids=admin_uids, admin_gids=admin_gids)
+
+
+def _admins(a: dict, w: str) -> tuple[tuple, tuple]:
+    """[admins] uids = [...], groups = [names or gids] -> (uids, gids)."""
+    bad = set(a) - {"uids", "groups"}
+    if bad:
+        raise InputError(f"{w}admins.{sorted(bad)[0]}: unknown key; valid: groups, uids")
+    uids = a.get("uids", [])
+    if not isinstance(uids, list) or not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0
+                                             for u in uids):
+        raise InputError(f"{w}admins.uids: expected a list of uids, got {uids!r}")
+    groups = a.get("groups", [])
+    if not isinstance(groups, list):
+        raise InputError(f"{w}admins.groups: expected a list of group names or gids, got {groups!r}")
+    gids = set()
+    for g in groups:
+        if isinstance(g, int) and not isinstance(g, bool) and g >= 0:
+            gids.add(g)
+        elif isinstance(g, str):
+            try:
+                gids.add(grp.getgrnam(g).gr_gid)
+            except KeyError:
+                raise InputError(f"{w}admins.groups: no such group '{g}'") from None
+        else:
+            raise InputError(f"{w}admins.groups: expected a group name or gid, got {g!r}")
+    return tuple(sorted(set(uids))), tuple(sorted(gids))
 
 
 def _tiers(spec, state_dir: str, w: str) -> list[TierConfig]:

@@ -34,6 +34,7 @@ log = logging.getLogger("kvtier.daemon")
 
 MOVES_KEPT = 4096
 NVME_MAGIC = b"KVB1"
+NVME_HEADER_MAX = 4096   # NvmeTier stores a header up to this size apart from the data
 STATES = {"prefilling": SessionState.PREFILL, "decoding": SessionState.DECODE, "idle": SessionState.IDLE,
           "finished": SessionState.FINISHED, "resume": SessionState.IDLE}
 BLOCK_TYPES = {t.name.lower(): int(t) for t in BlockType}
@@ -201,23 +202,54 @@ class Engine:
                 return tier.view(tier.locate(b.key))
             raw = tier.get(b.key)
         except (KeyError, OSError) as e:
-            if isinstance(e, OSError) and e.errno not in (errno.EIO, None):
-                raise
-            # corrupt (the tier verified its checksum and dropped it) or gone: forget it, never serve it
-            log.error("block %s in %s unreadable (%s): forgotten", b.key.hex(), tier.name, e)
-            self.policies[t].remove(b.bid)
-            self._forget(b)
-            self.evictions["corrupt"] = self.evictions.get("corrupt", 0) + 1
-            raise err(errno.EIO, f"block {b.key.hex()} in {tier.name} is unreadable") from None
+            self._unreadable(t, b, e)
+        return memoryview(raw)[self._parse_head(t, b, raw, len(raw)):]
+
+    def _unreadable(self, t: int, b: Block, e: BaseException):
+        if isinstance(e, OSError) and e.errno not in (errno.EIO, None):
+            raise e
+        # corrupt (the tier verified its checksum and dropped it) or gone: forget it, never serve it
+        log.error("block %s in %s unreadable (%s): forgotten", b.key.hex(), self.tiers[t].name, e)
+        self.policies[t].remove(b.bid)
+        self._forget(b)
+        self.evictions["corrupt"] = self.evictions.get("corrupt", 0) + 1
+        raise err(errno.EIO, f"block {b.key.hex()} in {self.tiers[t].name} is unreadable") from None
+
+    def _parse_head(self, t: int, b: Block, raw, total: int) -> int:
+        """Learn b's metadata from its NVMe header (raw starts with it; total = header + payload bytes);
+        returns the header's length."""
         hlen = int.from_bytes(raw[4:8], "little")
         if raw[:4] != NVME_MAGIC or 8 + hlen > len(raw):
-            raise err(errno.EIO, f"block {b.key.hex()}: bad header in {tier.name}")
+            raise err(errno.EIO, f"block {b.key.hex()}: bad header in {self.tiers[t].name}")
         head = msgpack.unpackb(raw[8:8 + hlen], raw=False)
         b.tenant, b.btype, b.meta = head["tenant"], head["type"], head["meta"]
         b.durable = bool(head.get("durable"))
         b.nvme_copy = True
-        b.nbytes = len(raw) - 8 - hlen
-        return memoryview(raw)[8 + hlen:]
+        b.nbytes = total - 8 - hlen
+        return 8 + hlen
+
+    def _fill_from_nvme(self, b: Block, nbytes: int):
+        """A payload for _store that reads b's data from NVMe straight into the memory slot (O_DIRECT into
+        the arena when the slot is page-aligned), checksum verified; None when b's header is not stored
+        apart from its data (older or oversized headers): read it the general way."""
+        try:
+            info = self.nvme.block_info(b.key)
+        except KeyError as e:
+            self._unreadable(len(self.tiers) - 1, b, e)
+        if not info["header_length"]:
+            return None
+
+        def fill(view):
+            t = len(self.tiers) - 1
+            try:
+                head, n = self.nvme.get_body_into(b.key, view)
+            except (KeyError, OSError) as e:
+                self._unreadable(t, b, e)
+            self._parse_head(t, b, head, len(head) + n)
+            if n != nbytes:
+                raise err(errno.EIO, f"block {b.key.hex()}: changed size on {self.tiers[t].name}")
+        fill.nbytes = info["length"] - info["header_length"]
+        return fill
 
     def _known(self, b: Block | None) -> Block | None:
         """b with its tenant known: a block recovered from NVMe learns it from its header on first use
@@ -231,10 +263,10 @@ class Engine:
                 return None
         return b
 
-    def _nvme_bytes(self, b: Block, payload) -> bytes:
+    def _nvme_header(self, b: Block) -> bytes:
         head = msgpack.packb({"tenant": b.tenant, "type": b.btype, "meta": b.meta, "durable": b.durable},
                              use_bin_type=True)
-        return b"".join((NVME_MAGIC, len(head).to_bytes(4, "little"), head, payload))
+        return b"".join((NVME_MAGIC, len(head).to_bytes(4, "little"), head))
 
     def _room(self, t: int, nbytes: int, reason: str = "capacity") -> None:
         """Demote victims of tier t's policy until nbytes more fit under its limit (ENOSPC if they cannot)."""
@@ -259,19 +291,32 @@ class Engine:
             return True
 
     def _store(self, t: int, b: Block, payload) -> None:
-        """Write payload into tier t (making room there first)."""
+        """Write payload into tier t (making room there first); payload may be a function that fills the
+        reserved memory slot itself (_fill_from_nvme)."""
         tier = self.tiers[t]
-        n = len(payload) if t < self.mem_count else len(payload) + 256
+        size = payload.nbytes if callable(payload) else len(payload)
+        n = size if t < self.mem_count else size + 256
         for _ in range(64):
             self._room(t, n if t < self.mem_count else 0)
             try:
                 if t < self.mem_count:
-                    slot = tier.reserve(b.key, len(payload))
-                    tier.view(slot)[:] = payload
+                    slot = tier.reserve(b.key, size)
+                    try:
+                        if callable(payload):
+                            payload(tier.view(slot))
+                        else:
+                            tier.view(slot)[:] = payload
+                    except BaseException:
+                        tier.abort(b.key)
+                        raise
                     tier.commit(b.key)
                     self._arena_id(t, slot.arena)
                 else:
-                    tier.put(b.key, self._nvme_bytes(b, payload))
+                    header = self._nvme_header(b)
+                    if len(header) <= NVME_HEADER_MAX:   # apart from the data: no copy to join them
+                        tier.put(b.key, payload, header=header)
+                    else:
+                        tier.put(b.key, b"".join((header, payload)))
                 return
             except OSError as e:
                 if e.errno != errno.ENOSPC or not self._evict_one(t, "capacity"):
@@ -364,7 +409,9 @@ class Engine:
         src = b.tier
         if src == 0:
             return True
-        payload = self._read(src, b)
+        payload = self._fill_from_nvme(b, b.nbytes) if src >= self.mem_count and b.nbytes is not None else None
+        if payload is None:
+            payload = self._read(src, b)
         self.policies[src].remove(b.bid)
         b.out_of_policy = True
         b.leases += 1   # not a victim while a tier makes room
@@ -549,12 +596,14 @@ class Engine:
         s = self.sessions.get(sid) if sid is not None else None
         blocks = []
         failure = None
+        for key, b in staged:
+            self.tiers[b.tier].commit(key)
+        spilled = durable and self.nvme is not None and len(staged) > 1 and self._spill_many(staged)
         for i, (key, b) in enumerate(staged):
             if failure is not None:
-                self.tiers[b.tier].abort(key)
+                self.tiers[b.tier].delete(key)
                 continue
-            self.tiers[b.tier].commit(key)
-            if durable and self.nvme is not None:
+            if durable and self.nvme is not None and not spilled:
                 try:
                     b.durable = True
                     self._store(len(self.tiers) - 1, b, self._read(b.tier, b))
@@ -588,6 +637,28 @@ class Engine:
             raise err(failure.errno or errno.EIO, f"write-through to NVMe failed after {len(blocks)} of "
                                                   f"{len(staged)} blocks: {failure.strerror or failure}")
         return len(blocks)
+
+    def _spill_many(self, staged: list) -> bool:
+        """Write a durable batch through to NVMe as one group commit (one data and one index fdatasync);
+        False if that did not work out (nothing of it acknowledged): the caller goes block by block."""
+        items = []
+        for key, b in staged:
+            b.durable = True
+            header = self._nvme_header(b)
+            if len(header) > NVME_HEADER_MAX:
+                return False
+            items.append((key, self._read(b.tier, b), header))
+        try:
+            self._room(len(self.tiers) - 1, 0)
+            self.nvme.put_many(items)
+        except OSError as e:
+            log.debug("group write-through of %d blocks failed (%s); one by one", len(items), e)
+            return False
+        finally:
+            del items
+        for _, b in staged:
+            b.nvme_copy = True
+        return True
 
     def get(self, tenant: str, sid, hashes: list) -> tuple[int, list, list]:
         s = self._session(tenant, sid)

@@ -5,9 +5,17 @@ frames to reassemble, a malformed message can never desynchronise the stream), f
 message (SCM_RIGHTS, how the client receives the daemon's memfd arenas), and SO_PEERCRED gives the peer's uid/gid.
 
 Latency: waking a process blocked in the kernel costs 50-100 µs on some virtual machines, more than the op
-itself. So both ends busy-poll briefly: the client spins on a non-blocking receive for up to BUSY_POLL_S
-before blocking, the daemon keeps polling (epoll with timeout 0) for busy_poll_us after serving a request.
-Cost: one core spinning for that window while requests keep coming; nothing when idle.
+itself. So the daemon keeps polling (epoll with timeout 0) for busy_poll_us after serving a request, and a
+client may spin on a non-blocking receive for up to busy_poll_s before blocking (Client(busy_poll_s=...)).
+The client's default is not to spin (BUSY_POLL_S = 0): on a 2-core machine shared with other work, both ends
+spinning took a small op from ~25 to ~80-700 µs (each spinner takes the core the other needs); spin on the
+client only with a core to spare for it. Cost of the daemon's spin: one core for that window while requests
+keep coming; nothing when idle.
+Sockets are in blocking mode with kernel timeouts (SO_RCVTIMEO/SO_SNDTIMEO, set_timeouts) rather than
+Python's settimeout(): with a Python timeout every send and recv first calls poll(), and a MSG_DONTWAIT
+receive blocks in that poll, so the client's spin slept and the daemon's send paid for waking it up
+(measured: 31 µs per reply send, most of a small op's round trip). Receives go into a buffer allocated once
+(recv(buf=...)), not a fresh 192 KiB one per message.
 
 Frame: one message = one msgpack map, at most MAX_MESSAGE_BYTES (a batch of a few thousand blocks; the client
 splits bigger ones). Requests carry "op" and "id"; the reply echoes
@@ -33,8 +41,10 @@ Ops (fields; reply fields):
   delete           blocks [hash]                   -> deleted
   stats            -                               -> the daemon's state (kvctl status)
   admin ops (kvctl): sessions, blocks {session?, tier?, limit?}, explain {block}, pin/unpin {block|session},
-                     evict {block}, policy / policy_set {name}, moves {limit?}; pin/unpin/evict/policy_set need
-                     root or the daemon's uid
+                     evict {block}, policy / policy_set {name}, moves {limit?}. stats and the read-only ones
+                     are scoped to the connection's tenant once bound; without a tenant (the all-tenant
+                     view) and for pin/unpin/evict/policy_set the peer must be an admin (root, the daemon's
+                     uid, or [admins] of the config); else EPERM
 Replies arrive in request order on a connection, so a client may send a commit and read its reply later.
 A prefix hash is an int in [0, 2**64) (msgpack's range) or bytes of at most 64; kvctl names blocks by their
 32-hex-digit key. Limits: a list has at most 65536 entries (E2BIG); wrong types are EINVAL.
@@ -44,14 +54,22 @@ from __future__ import annotations
 import array
 import errno
 import socket
+import struct
 import time
 
 import msgpack
 
 VERSION = 1
-BUSY_POLL_S = 200e-6
+BUSY_POLL_S = 0.0   # see Latency above
 MAX_MESSAGE_BYTES = 192 << 10   # under the default net.core.wmem_max (208 KiB): a datagram must fit
 MAX_FDS = 64
+
+
+_MSG_TRUNC = int(socket.MSG_TRUNC)         # plain ints: IntFlag arithmetic costs microseconds per message
+MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 
 
 class ProtocolError(OSError):
@@ -77,26 +95,47 @@ def send(sock: socket.socket, msg: dict, fds: list[int] = ()) -> None:
         sock.send(data)
 
 
-def recv_reply(sock: socket.socket, spin_s: float = BUSY_POLL_S) -> tuple[bytes, list[int], bool]:
+def set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Blocking mode with kernel send/receive timeouts (see Latency above); a timed-out call raises
+    BlockingIOError (EAGAIN), which recv_reply turns into TimeoutError."""
+    sock.settimeout(None)
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def new_buffer() -> bytearray:
+    return bytearray(MAX_MESSAGE_BYTES + 1)
+
+
+def recv_reply(sock: socket.socket, spin_s: float = BUSY_POLL_S, buf: bytearray | None = None):
     """recv() after spinning up to spin_s on a non-blocking receive (see Latency above)."""
     if spin_s > 0:
         deadline = time.perf_counter() + spin_s
         while True:
             try:
-                return recv(sock, socket.MSG_DONTWAIT)
+                return recv(sock, MSG_DONTWAIT, buf)
             except BlockingIOError:
                 if time.perf_counter() > deadline:
                     break
-    return recv(sock)
+    try:
+        return recv(sock, 0, buf)
+    except BlockingIOError:   # SO_RCVTIMEO ran out
+        raise TimeoutError(errno.ETIMEDOUT, "kvtierd did not answer in time") from None
 
 
-def recv(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int], bool]:
-    """One message: (bytes, received fds, truncated). Empty bytes with no fds: the peer closed."""
-    data, anc, flags, _ = sock.recvmsg(MAX_MESSAGE_BYTES + 1, socket.CMSG_SPACE(MAX_FDS * 4), flags)
+def recv(sock: socket.socket, flags: int = 0, buf: bytearray | None = None) -> tuple[bytes, list[int], bool]:
+    """One message: (bytes, received fds, truncated). Empty bytes with no fds: the peer closed.
+    With `buf` (from new_buffer) the bytes are a memoryview into it, valid until the next recv into buf."""
+    if buf is None:
+        data, anc, mflags, _ = sock.recvmsg(MAX_MESSAGE_BYTES + 1, _ANC_SPACE, flags)
+    else:
+        n, anc, mflags, _ = sock.recvmsg_into([buf], _ANC_SPACE, flags)
+        data = memoryview(buf)[:n]
     fds: list[int] = []
     for level, typ, payload in anc:
-        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and typ == _SCM_RIGHTS:
             a = array.array("i")
             a.frombytes(payload[:len(payload) - len(payload) % a.itemsize])
             fds.extend(a)
-    return data, fds, bool(flags & socket.MSG_TRUNC) or len(data) > MAX_MESSAGE_BYTES
+    return data, fds, bool(mflags & _MSG_TRUNC) or len(data) > MAX_MESSAGE_BYTES

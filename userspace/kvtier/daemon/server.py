@@ -7,8 +7,13 @@ only reads counters.
 
 Who may connect: the socket file is mode 0660 (socket_mode) owned by root:<group>, and each peer's SO_PEERCRED is
 checked again at accept: root, the daemon's own uid, or a process whose primary or supplementary groups include
-the configured group. A connection binds to one tenant at hello (a tenant may be limited to some uids). Admin ops
-(kvctl pin/evict/policy set) need root or the daemon's uid; read-only admin ops need only the group.
+the configured group. A connection binds to one tenant at hello (a tenant may be limited to some uids).
+
+Tenant isolation: every op is scoped to the connection's tenant. The read-only views (stats, sessions, blocks,
+explain, moves) show a tenant-bound connection only its own tenant's sessions, blocks and moves; another tenant's
+block or session answers ENOENT, exactly as a missing one would, so not even its existence leaks. The all-tenant
+views (a connection that bound no tenant), pin/unpin/evict and policy set need an admin: root, the daemon's uid,
+or a uid / group listed under [admins] in the config (kvctl, run as root, binds no tenant: the whole view).
 """
 from __future__ import annotations
 
@@ -27,7 +32,6 @@ from kvtier.errors import InputError
 
 log = logging.getLogger("kvtier.daemon")
 
-ADMIN_WRITE_OPS = {"pin", "unpin", "evict", "policy_set"}
 PREFETCH_EVERY_S = 1.0
 
 
@@ -102,6 +106,7 @@ class Server:
         self.reload_wanted = False
         self.metrics_port = None
         self.started = time.time()
+        self._rbuf = protocol.new_buffer()   # one receive buffer: the loop unpacks each message before the next
         self._ops = {
             "hello": self.op_hello, "arenas": self.op_arenas, "register_session": self.op_register_session,
             "end_session": self.op_end_session, "hint": self.op_hint, "put": self.op_put, "commit": self.op_commit,
@@ -239,6 +244,7 @@ class Server:
             log.error("reload failed, keeping the old config: %s", e)
             return
         self.cfg.tenants = new.tenants
+        self.cfg.admin_uids, self.cfg.admin_gids = new.admin_uids, new.admin_gids
         self.cfg.min_block_bytes, self.cfg.max_block_bytes = new.min_block_bytes, new.max_block_bytes
         self.cfg.nominal_block_bytes = new.nominal_block_bytes
         if new.policy != self.engine.policy_name:
@@ -261,8 +267,8 @@ class Server:
             # Kept open and answered EACCES per request: closing at once would reset the peer before it
             # could read why. It is closed when the peer goes away.
             log.warning("refused uid %d (pid %d): not in group %s", uid, pid, self.cfg.group)
-        sock.setblocking(True)   # replies are small; a peer that stops reading gets a send timeout
-        sock.settimeout(5.0)
+        # replies are small; a peer that stops reading gets a send timeout (a kernel one: see protocol.py)
+        protocol.set_timeouts(sock, 5.0)
         conn = Connection(sock, uid, gid, pid, groups)
         conn.refused = refused
         self.conns[sock.fileno()] = conn
@@ -285,8 +291,10 @@ class Server:
 
     def _serve(self, conn: Connection) -> None:
         try:
-            data, fds, truncated = protocol.recv(conn.sock)
-        except (ConnectionResetError, TimeoutError, OSError):
+            data, fds, truncated = protocol.recv(conn.sock, protocol.MSG_DONTWAIT, self._rbuf)
+        except BlockingIOError:
+            return   # a spurious wake-up: nothing to read after all
+        except OSError:
             self._close(conn)
             return
         for fd in fds:   # clients have no reason to send descriptors
@@ -470,26 +478,61 @@ class Server:
     def op_delete(self, conn, msg):
         return {"deleted": self.engine.delete(self._tenant(conn), self._list(msg, "blocks"))}, []
 
-    # admin
-    def _admin(self, conn, write: bool) -> None:
-        if write and conn.uid not in (0, os.getuid()):
-            raise OSError(errno.EPERM, "this needs root or the daemon's user")
+    # admin and tenant-scoped views
+    def _is_admin(self, conn) -> bool:
+        # checked per request, not at accept: a SIGHUP that changes [admins] applies to open connections too
+        return (conn.uid in (0, os.getuid()) or conn.uid in self.cfg.admin_uids
+                or not conn.groups.isdisjoint(self.cfg.admin_gids))
+
+    def _scope(self, conn) -> str | None:
+        """The tenant a view is limited to: the connection's, once bound (admins too: a bound connection acts as
+        its tenant); None (every tenant) only for an admin that bound none, as kvctl does."""
+        if conn.tenant is not None:
+            return conn.tenant
+        if self._is_admin(conn):
+            return None
+        raise OSError(errno.EPERM, "bind a tenant (hello) first; the all-tenant view needs an admin")
+
+    def _admin(self, conn) -> None:
+        if not self._is_admin(conn):
+            raise OSError(errno.EPERM, "this needs an admin: root, the daemon's user or [admins] of the config")
+
+    def _find(self, scope, block):
+        """The block named by hex key; another tenant's block is ENOENT, like a missing one."""
+        if not isinstance(block, str):
+            raise OSError(errno.EINVAL, "'block' must be a hex key")
+        b = self.engine.find(block)
+        if scope is not None and b.tenant != scope:
+            raise OSError(errno.ENOENT, f"no block {block}")
+        return b
 
     def op_stats(self, conn, msg):
-        st = self.engine.status()
+        scope = self._scope(conn)
         from kvtier import kmod
+        if scope is None:
+            st = self.engine.status()
+            st.update(connections=len(self.conns), metrics_port=self.metrics_port)
+        else:
+            # Other tenants' volume and hit rates are theirs: a tenant sees the tiers' sizes and its own counts.
+            eng = self.engine
+            st = {"policy": eng.policy_name, "tenant": scope,
+                  "tiers": [{k: r[k] for k in ("name", "kind", "capacity_bytes", "backend", "backend_note")}
+                            for r in eng.tier_rows()],
+                  "sessions": sum(1 for s in eng.sessions.values() if s.tenant == scope),
+                  "blocks": sum(1 for b in eng.blocks.values() if b.tenant == scope),
+                  "pinned_blocks": sum(1 for b in eng.blocks.values() if b.tenant == scope and b.pins)}
         st.update(socket=self.cfg.socket, config=self.cfg.source, pid=os.getpid(), uptime_s=time.time() - self.started,
-                  connections=len(self.conns), metrics_port=self.metrics_port,
+                  admin=scope is None,
                   module={"device": kmod.DEVICE_PATH, "present": os.path.exists(kmod.DEVICE_PATH),
                           "loaded": os.path.exists("/sys/module/kvtier")},
                   probes={"loaded": False, "note": "eBPF probes are not wired into the daemon yet"})
         return st, []
 
     def op_sessions(self, conn, msg):
-        self._admin(conn, False)
+        scope = self._scope(conn)
         rows = []
         for s in self.engine.sessions.values():
-            if conn.tenant is not None and conn.uid not in (0, os.getuid()) and s.tenant != conn.tenant:
+            if scope is not None and s.tenant != scope:
                 continue
             tiers = {}
             for k in s.blocks:
@@ -502,14 +545,14 @@ class Server:
         return {"sessions": rows}, []
 
     def op_blocks(self, conn, msg):
-        self._admin(conn, False)
+        scope = self._scope(conn)
         sid = self._int(msg, "session", True)
         tier = msg.get("tier")
         limit = self._int(msg, "limit", True) or 500
         eng = self.engine
         if sid is not None:
             s = eng.sessions.get(sid)
-            if s is None:
+            if s is None or (scope is not None and s.tenant != scope):
                 raise OSError(errno.ENOENT, f"no session {sid}")
             pool = (eng.blocks[k] for k in s.blocks if k in eng.blocks)
         else:
@@ -519,7 +562,7 @@ class Server:
             raise OSError(errno.EINVAL, f"no tier {tier!r}; tiers: {', '.join(names)}")
         rows, total = [], 0
         for b in pool:
-            if tier is not None and names[b.tier] != tier:
+            if (tier is not None and names[b.tier] != tier) or (scope is not None and b.tenant != scope):
                 continue
             total += 1
             if len(rows) < limit:
@@ -527,14 +570,17 @@ class Server:
         return {"blocks": rows, "total": total}, []
 
     def op_explain(self, conn, msg):
-        self._admin(conn, False)
-        block = msg.get("block")
-        if not isinstance(block, str):
-            raise OSError(errno.EINVAL, "'block' must be a hex key")
-        return self.engine.explain(block), []
+        scope = self._scope(conn)
+        self._find(scope, msg.get("block"))
+        d = self.engine.explain(msg["block"])
+        if scope is not None:
+            # a shared block's sessions may include another tenant's only through a shared salt; keep its own
+            d["session_ids"] = [sid for sid in d["session_ids"]
+                                if (s := self.engine.sessions.get(sid)) is not None and s.tenant == scope]
+        return d, []
 
     def _pin(self, conn, msg, unpin):
-        self._admin(conn, True)
+        self._admin(conn)
         sid = self._int(msg, "session", True)
         block = msg.get("block")
         if (sid is None) == (block is None):
@@ -550,16 +596,17 @@ class Server:
         return self._pin(conn, msg, True)
 
     def op_evict(self, conn, msg):
-        self._admin(conn, True)
+        self._admin(conn)
         block = msg.get("block")
         if not isinstance(block, str):
             raise OSError(errno.EINVAL, "'block' must be a hex key")
         return self.engine.evict(block), []
 
     def op_policy(self, conn, msg):
+        self._scope(conn)   # the policy's name and per-tier counts: any bound tenant may read them
         name = msg.get("name")
         if name is not None:
-            self._admin(conn, True)
+            self._admin(conn)
             from kvtier.policy.registry import policy_names
             if not isinstance(name, str) or name not in policy_names() or name == "opt":
                 raise OSError(errno.EINVAL, f"unknown or offline policy {name!r}; valid: "
@@ -573,6 +620,21 @@ class Server:
                 "doc": (type(p0).__doc__ or "").strip().splitlines()[0]}, []
 
     def op_moves(self, conn, msg):
-        self._admin(conn, False)
+        scope = self._scope(conn)
         limit = self._int(msg, "limit", True) or 100
-        return {"moves": list(self.engine.moves)[-limit:]}, []
+        moves = self.engine.moves
+        if scope is not None:
+            # moves carry the block key only: a move is the tenant's if the block still is (a dropped block's
+            # moves are no longer attributable, so they are left out rather than risk showing another's)
+            blocks = self.engine.blocks
+            mine = {}
+            out = []
+            for m in moves:
+                k = m["block"]
+                if k not in mine:
+                    b = blocks.get(bytes.fromhex(k))
+                    mine[k] = b is not None and b.tenant == scope
+                if mine[k]:
+                    out.append(m)
+            moves = out
+        return {"moves": list(moves)[-limit:]}, []

@@ -4,7 +4,12 @@ An arena is either a memfd (memfd_create + ftruncate + mmap MAP_SHARED, placed w
 mbind(MPOL_BIND, MPOL_MF_MOVE); clients receive the fd over SCM_RIGHTS) or a kvtier.ko region
 created on nodes[0] (clients attach it after grant(arena, uid) and mmap /dev/kvtier at mmap_offset).
 Blocks are extents of an arena (ExtentAllocator, 64-byte units). A block is visible (contains, get,
-locate) only once committed; commit records the xxh3_64 checksum that every get verifies.
+locate) only once committed.
+
+Checksums (checksum="lazy", the default): memory is not where corruption comes from, so commit is O(1)
+metadata and no checksum is taken while a block sits in memory; checksum_of() / verify() compute and
+record it when a block leaves the tier (its NVMe record needs it) or on request, and a get verifies a
+recorded one. checksum="commit" records it at commit and verifies it on every get.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from kvtier.store.alloc import ExtentAllocator
 from kvtier.store.base import ChecksumError, Slot, Tier, check_key, checksum, enospc
 
 ALIGN_BYTES = 64  # cache line: blocks never share a line, small blocks waste little
+PAGE_ALIGN_MIN = 64 << 10  # blocks this big start on a page: O_DIRECT to/from NVMe works on the slot itself
 KMOD_BLOCK_BYTES = 2 << 20  # kvtier.ko region block: a page multiple, the driver's unit of migration
 
 
@@ -27,7 +33,7 @@ class _Block:
     arena: int
     offset: int
     nbytes: int
-    checksum: int | None  # None while reserved (not yet committed)
+    checksum: int | None  # None while reserved, or committed in lazy mode and not yet asked for
 
 
 class _Arena:
@@ -59,10 +65,15 @@ def _numa_maps_pages(addr: int) -> dict[int, int]:
 
 
 class MemoryTier(Tier):
-    """MemoryTier(name, kind, nodes, capacity_bytes, backend="auto"|"memfd"|"kmod")."""
+    """MemoryTier(name, kind, nodes, capacity_bytes, backend="auto"|"memfd"|"kmod",
+    checksum="lazy"|"commit")."""
 
-    def __init__(self, name: str, kind: str, nodes: list[int], capacity_bytes: int, backend: str = "auto"):
+    def __init__(self, name: str, kind: str, nodes: list[int], capacity_bytes: int, backend: str = "auto",
+                 checksum: str = "lazy"):
         super().__init__(name, kind, capacity_bytes)
+        if checksum not in ("lazy", "commit"):
+            raise ValueError(f"tier {name}: checksum must be lazy or commit, not {checksum!r}")
+        self.checksum_mode = checksum
         if kind not in ("dram", "cxl"):
             raise ValueError(f"tier {name}: a MemoryTier is dram or cxl, not {kind!r}")
         if backend not in ("auto", "memfd", "kmod"):
@@ -166,11 +177,33 @@ class MemoryTier(Tier):
         return sum(a.alloc.used_bytes for a in self._arenas)
 
     def _alloc(self, nbytes: int) -> Slot | None:
-        for i, arena in enumerate(self._arenas):
+        if nbytes >= PAGE_ALIGN_MIN:
+            for i, arena in enumerate(self._arenas):
+                off = self._alloc_page_aligned(arena, nbytes)
+                if off is not None:
+                    return Slot(i, off, nbytes)
+        for i, arena in enumerate(self._arenas):   # no aligned room: any fit (only the copy path is slower)
             off = arena.alloc.alloc(nbytes)
             if off is not None:
                 return Slot(i, off, nbytes)
         return None
+
+    @staticmethod
+    def _alloc_page_aligned(arena: _Arena, nbytes: int) -> int | None:
+        """Take enough to start on a page boundary (arena bases are page-aligned), give back the rest."""
+        alloc = arena.alloc
+        page = numa.PAGE_SIZE
+        start = alloc.alloc(nbytes + page - ALIGN_BYTES)
+        if start is None:
+            return None
+        taken = alloc.round_up(nbytes + page - ALIGN_BYTES)
+        off = (start + page - 1) // page * page
+        need = alloc.round_up(nbytes)
+        if off > start:
+            alloc.free(start, off - start)
+        if start + taken > off + need:
+            alloc.free(off + need, start + taken - off - need)
+        return off
 
     def _free(self, b: _Block) -> None:
         self._arenas[b.arena].alloc.free(b.offset, b.nbytes)
@@ -195,14 +228,15 @@ class MemoryTier(Tier):
             return slot
 
     def commit(self, key: bytes) -> None:
-        """Checksum what was written into the reserved slot and make the block visible
-        (replacing an older committed block of the same key)."""
+        """Make what was written into the reserved slot visible (replacing an older committed block of
+        the same key); checksum="commit" checksums it first, "lazy" leaves that to checksum_of()."""
         key = check_key(key)
         with self._lock:
             b = self._pending.pop(key, None)
             if b is None:
                 raise KeyError(key)
-            b.checksum = checksum(self._view(b))
+            if self.checksum_mode == "commit":
+                b.checksum = checksum(self._view(b))
             old = self._blocks.get(key)
             if old is not None:
                 self._free(old)
@@ -228,14 +262,22 @@ class MemoryTier(Tier):
             return Slot(b.arena, b.offset, b.nbytes)
 
     def checksum_of(self, key: bytes) -> int:
-        """The recorded xxh3_64 of a committed block (for a client that verifies what it reads)."""
-        with self._lock:
-            return self._blocks[check_key(key)].checksum
-
-    def verify(self, key: bytes) -> bool:
-        """Whether a committed block still matches its checksum (drops it if not)."""
+        """The xxh3_64 of a committed block (for a client that verifies what it reads, or a move to
+        another tier); lazy mode computes and records it on the first call."""
         with self._lock:
             b = self._blocks[check_key(key)]
+            if b.checksum is None:
+                b.checksum = checksum(self._view(b))
+            return b.checksum
+
+    def verify(self, key: bytes) -> bool:
+        """Whether a committed block still matches its checksum (drops it if not); a lazy block's
+        first verify records the checksum it is checked against from then on."""
+        with self._lock:
+            b = self._blocks[check_key(key)]
+            if b.checksum is None:
+                b.checksum = checksum(self._view(b))
+                return True
             if checksum(self._view(b)) == b.checksum:
                 return True
             self._drop_corrupt(key, b)
@@ -309,7 +351,7 @@ class MemoryTier(Tier):
         with self._lock:
             b = self._lookup(key)
             data = bytes(self._view(b))
-            if checksum(data) != b.checksum:
+            if b.checksum is not None and checksum(data) != b.checksum:
                 self._drop_corrupt(key, b)
                 raise ChecksumError(self.name, key)
             self._stats["hits"] += 1
@@ -325,7 +367,7 @@ class MemoryTier(Tier):
             dst = dst[:b.nbytes]
             dst[:] = self._view(b)
             # verify what the caller got, not the source afterwards
-            if checksum(dst) != b.checksum:
+            if b.checksum is not None and checksum(dst) != b.checksum:
                 self._drop_corrupt(key, b)
                 raise ChecksumError(self.name, key)
             self._stats["hits"] += 1
@@ -394,7 +436,7 @@ class MemoryTier(Tier):
 
     def stats(self) -> dict:
         out = super().stats()
-        out.update(backend=self.backend, nodes=list(self.nodes), arenas=len(self._arenas),
+        out.update(backend=self.backend, checksum=self.checksum_mode, nodes=list(self.nodes), arenas=len(self._arenas),
                    reserved_blocks=len(self._pending))
         if self.backend_note:
             out["backend_note"] = self.backend_note

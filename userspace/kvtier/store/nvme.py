@@ -5,10 +5,15 @@ Files in the tier's directory:
                     (buffered I/O when the filesystem refuses O_DIRECT, e.g. tmpfs; stats()["io_mode"]).
   kvtier-index.log  fixed-size records (put / delete) of key, offset, lengths, codec, xxh3_64 of the
                     original bytes and of the stored bytes, sequence number, each with its own CRC32.
+
+A block may carry a small caller header (put(..., header=)): it is stored in the extent's first 4 KiB
+unit and the data from the next unit on, so data in a page-aligned buffer (a memfd arena slot) is
+written and read with O_DIRECT straight from / into that buffer (no bounce copy); the header's length
+is in the record (its "hlen" field) and the checksum covers header + data as if concatenated.
   kvtier.lock       flock'd while open: one process per store.
 
 Crash safety: put writes the data, fdatasyncs it, THEN appends the index record and fdatasyncs the
-log, THEN returns. An extent is reused only after the record that frees it (delete or overwrite)
+log, THEN returns (put_many: all data, one fdatasync, all records in one write, one fdatasync). An extent is reused only after the record that frees it (delete or overwrite)
 is durable. So after kill -9 at any moment, replaying the log finds every acknowledged block, a torn
 last record fails its CRC and is cut off, and a record never points at data that was not durable.
 Every get verifies the checksum anyway (media errors, fsync=False).
@@ -25,8 +30,13 @@ import os
 import struct
 import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import xxhash
+
+from kvtier._native import ffi
+from kvtier.errors import InputError
 from kvtier.store.alloc import ExtentAllocator
 from kvtier.store.base import ChecksumError, Tier, check_key, checksum, enospc
 from kvtier.store.codec import CODEC_IDS, KINDS, Codec, KVLayout
@@ -36,11 +46,13 @@ DATA_FILE = "kvtier-data"
 LOG_FILE = "kvtier-index.log"
 LOCK_FILE = "kvtier.lock"
 OP_PUT, OP_DELETE = 1, 2
-_REC = struct.Struct("<4sBBHQ16sQQQQQ")  # magic op codec pad seq key offset length stored_length csum stored_csum
+_REC = struct.Struct("<4sBBHQ16sQQQQQ")  # magic op codec hlen seq key offset length stored_length csum stored_csum
 _CRC = struct.Struct("<II")               # crc32 of the record body, reserved
 REC_BYTES = _REC.size + _CRC.size
 _MAGIC = b"KVI1"
 assert REC_BYTES == 80
+MAX_HEADER = UNIT_BYTES  # a header lives in the extent's first unit
+CHUNK_BYTES = 8 << 20   # bounce copies of unaligned data go in chunks, overlapping the previous chunk's write
 
 
 @dataclass
@@ -52,10 +64,11 @@ class _Record:
     codec: int
     checksum: int        # xxh3_64 of the original bytes
     stored_checksum: int  # xxh3_64 of the stored bytes: catches a torn extent before decoding it
+    hlen: int = 0        # header bytes in the first unit (codec none only); data starts at UNIT_BYTES
 
 
 def _pack(op: int, key: bytes, r: _Record) -> bytes:
-    body = _REC.pack(_MAGIC, op, r.codec, 0, r.seq, key, r.offset, r.length, r.stored_length, r.checksum,
+    body = _REC.pack(_MAGIC, op, r.codec, r.hlen, r.seq, key, r.offset, r.length, r.stored_length, r.checksum,
                      r.stored_checksum)
     return body + _CRC.pack(zlib.crc32(body), 0)
 
@@ -68,10 +81,39 @@ def _unpack(raw: bytes):
     crc, _ = _CRC.unpack_from(raw, _REC.size)
     if zlib.crc32(body) != crc:
         return None
-    magic, op, codec, _, seq, key, offset, length, stored_length, csum, stored_csum = _REC.unpack(body)
+    magic, op, codec, hlen, seq, key, offset, length, stored_length, csum, stored_csum = _REC.unpack(body)
     if magic != _MAGIC or op not in (OP_PUT, OP_DELETE) or codec >= len(KINDS):
         return None
-    return op, key, _Record(seq, offset, length, stored_length, codec, csum, stored_csum)
+    if hlen and (hlen > MAX_HEADER or codec != CODEC_IDS["none"]
+                 or stored_length < UNIT_BYTES or length != hlen + stored_length - UNIT_BYTES):
+        return None
+    return op, key, _Record(seq, offset, length, stored_length, codec, csum, stored_csum, hlen)
+
+
+def _address(view) -> int:
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(view)))
+
+
+def _csum(parts) -> int:
+    """xxh3_64 of the concatenation of `parts`, without concatenating them."""
+    if len(parts) == 1:
+        return checksum(parts[0])
+    h = xxhash.xxh3_64()
+    for part in parts:
+        h.update(part)
+    return h.intdigest()
+
+
+def _advance(iov: list, n: int) -> list:
+    """The iovecs left after the first n bytes were transferred."""
+    while n and iov:
+        if n >= iov[0].nbytes:
+            n -= iov[0].nbytes
+            iov = iov[1:]
+        else:
+            iov = [iov[0][n:]] + iov[1:]
+            n = 0
+    return iov
 
 
 def _round_up(n: int) -> int:
@@ -94,6 +136,14 @@ class _AlignedBuffer:
         return memoryview(self.buf)[:nbytes]
 
 
+class _Pending:
+    """A put between its data write and its index record (put / put_many)."""
+    __slots__ = ("key", "rec", "src_bytes")
+
+    def __init__(self, key, rec, src_bytes):
+        self.key, self.rec, self.src_bytes = key, rec, src_bytes
+
+
 class NvmeTier(Tier):
     """NvmeTier(name, directory, capacity_bytes, codec=None, fsync=True)."""
 
@@ -111,7 +161,8 @@ class NvmeTier(Tier):
         self._tls = threading.local()
         self._closed = False
         self._fds: list[int] = []
-        self._stats.update(quantised_blocks=0, quant_refused=0, quant_skipped_no_layout=0,
+        # bounce_bytes: data copied through an aligned buffer because the caller's was not aligned
+        self._stats.update(bounce_bytes=0, quantised_blocks=0, quant_refused=0, quant_skipped_no_layout=0,
                            quant_max_abs=0.0, quant_rel_rms_max=0.0, quant_rel_rms_sum=0.0,
                            compactions=0, recovered_blocks=0, recovery_torn_records=0,
                            recovery_dropped_blocks=0, io_errors=0)
@@ -224,22 +275,33 @@ class NvmeTier(Tier):
         if self.fsync:
             os.fdatasync(fd)
 
-    def _buffer(self, nbytes: int) -> memoryview:
-        buf = getattr(self._tls, "buf", None)
+    def _buffer(self, nbytes: int, which: str = "buf") -> memoryview:
+        buf = getattr(self._tls, which, None)
         if buf is None:
-            buf = self._tls.buf = _AlignedBuffer()
+            buf = _AlignedBuffer()
+            setattr(self._tls, which, buf)
         return buf.get(nbytes)
+
+    def _writer(self) -> ThreadPoolExecutor:
+        """One thread that writes a chunk while the caller copies the next (pwrite drops the GIL)."""
+        with self._lock:
+            if getattr(self, "_pool", None) is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kvtier-{self.name}-io")
+            return self._pool
 
     def _append(self, op: int, key: bytes, rec: _Record) -> None:
         """Append one record and make it durable (caller holds the lock)."""
-        data = _pack(op, key, rec)
+        self._append_raw(_pack(op, key, rec), 1)
+
+    def _append_raw(self, data: bytes, records: int) -> None:
+        """Append whole records in one write and make them durable (caller holds the lock)."""
         n = os.write(self._log_fd, data)
-        if n != len(data):  # a short write of a record: cut it so the log stays parseable
+        if n != len(data):  # a short write: cut it so the log stays parseable
             size = os.fstat(self._log_fd).st_size
             os.ftruncate(self._log_fd, size - n)
             raise OSError(errno.ENOSPC, f"tier {self.name}: short write to the index log")
         self._sync(self._log_fd)
-        self._log_records += 1
+        self._log_records += records
 
     def _maybe_compact(self) -> None:
         if self._log_records > self.compact_min_records and self._log_records > 2 * len(self._index):
@@ -309,23 +371,81 @@ class NvmeTier(Tier):
         self._stats["quant_rel_rms_sum"] += err["rel_rms"]
         return blob, codec
 
-    def put(self, key: bytes, data, layout: KVLayout | None = None, lossless: bool = False) -> int:
+    def put(self, key: bytes, data, layout: KVLayout | None = None, lossless: bool = False,
+            header=b"") -> int:
         """Store a block durably (fsync=True: on disk before this returns); returns the stored bytes.
 
         With a quantising codec, `layout` describes the block; without it, or with lossless=True, the
         block is stored uncompressed. ErrorBoundExceeded means: call again with lossless=True.
+        `header` (at most 4 KiB) is stored in front of the data without concatenating them: get()
+        returns header + data, get_body_into() the two apart.
         """
-        key = check_key(key)
-        src = memoryview(data).cast("B")
+        return self.put_many([(key, data, header)], layout=layout, lossless=lossless)[0]
+
+    def put_many(self, items, layout: KVLayout | None = None, lossless: bool = False) -> list[int]:
+        """put() of several blocks [(key, data) or (key, data, header)] as one group commit: every
+        extent is written, then one data fdatasync, then all index records in one write and one log
+        fdatasync. All-or-nothing as acknowledged: on an error no block of the batch is stored (a crash
+        in between may leave any subset, each intact); returns the stored bytes of each."""
         self._check_open()
+        done: list[_Pending] = []
+        try:
+            for item in items:
+                key, data, header = item if len(item) == 3 else (*item, b"")
+                p = self._prepare_and_write(check_key(key), data, header, layout, lossless)
+                done.append(p)
+            if done:
+                self._sync(self._data_fd)
+                with self._lock:
+                    payload = b""
+                    for p in done:
+                        self._seq += 1
+                        p.rec.seq = self._seq
+                        payload += _pack(OP_PUT, p.key, p.rec)
+                    self._append_raw(payload, len(done))
+                    for p in done:
+                        old = self._index.get(p.key)
+                        self._index[p.key] = p.rec
+                        if old is not None:
+                            self._alloc.free(old.offset, old.stored_length)
+                        self._stats["puts"] += 1
+                        self._stats["bytes_in"] += p.src_bytes
+                        self._stats["stored_bytes_in"] += p.rec.stored_length
+                    self._maybe_compact()
+        except BaseException as e:
+            with self._lock:
+                for p in done:
+                    if self._index.get(p.key) is not p.rec:
+                        self._alloc.free(p.rec.offset, p.rec.stored_length)
+                if isinstance(e, OSError):
+                    self._stats["io_errors"] += 1
+            raise
+        return [p.rec.stored_length for p in done]
+
+    def _prepare_and_write(self, key: bytes, data, header, layout, lossless) -> _Pending:
+        """Encode and checksum one block, allocate its extent and write it (not yet synced)."""
+        src = memoryview(data).cast("B")
+        head = memoryview(header).cast("B")
+        if head.nbytes > MAX_HEADER:
+            raise InputError(f"tier {self.name}: a header is at most {MAX_HEADER} bytes, got {head.nbytes}")
+        if head.nbytes and self.codec.kind != "none":
+            if self.codec.lossless:
+                src = memoryview(bytes(head) + bytes(src))   # a compressor needs the block in one piece
+                head = memoryview(b"")
+            else:
+                lossless = True   # a layout describes the data, not header + data: store it as is
         with self._lock:
             blob, codec = self._encode(src, layout, lossless)
         blob = memoryview(blob).cast("B")
-        stored = blob.nbytes
-        rec = _Record(0, 0, src.nbytes, stored, codec.id, checksum(src),
-                      checksum(blob) if codec.kind != "none" else 0)
+        csum = _csum([head, src]) if head.nbytes else checksum(src)
         if codec.kind == "none":
-            rec.stored_checksum = rec.checksum
+            hlen = head.nbytes
+            stored = (UNIT_BYTES if hlen else 0) + blob.nbytes
+            rec = _Record(0, 0, hlen + src.nbytes, stored, codec.id, csum, csum, hlen)
+        else:
+            hlen = 0
+            stored = blob.nbytes
+            rec = _Record(0, 0, src.nbytes, stored, codec.id, csum, checksum(blob))
         with self._lock:
             offset = self._alloc.alloc(stored)
             if offset is None:
@@ -333,92 +453,188 @@ class NvmeTier(Tier):
                 raise enospc(self.name, stored, self._alloc.used_bytes, self.capacity_bytes)
         rec.offset = offset
         try:
-            self._write_extent(offset, blob)
-            self._sync(self._data_fd)
+            self._write_extent(offset, head if hlen else None, blob)
+        except BaseException:
             with self._lock:
-                self._seq += 1
-                rec.seq = self._seq
-                self._append(OP_PUT, key, rec)
-                old = self._index.get(key)
-                self._index[key] = rec
-                if old is not None:
-                    self._alloc.free(old.offset, old.stored_length)
-                self._stats["puts"] += 1
-                self._stats["bytes_in"] += src.nbytes
-                self._stats["stored_bytes_in"] += stored
-                self._maybe_compact()
-        except BaseException as e:
-            with self._lock:
-                if self._index.get(key) is not rec:
-                    self._alloc.free(offset, stored)
-                if isinstance(e, OSError):
-                    self._stats["io_errors"] += 1
+                self._alloc.free(offset, stored)
             raise
-        return stored
+        return _Pending(key, rec, src.nbytes)
 
-    def _write_extent(self, offset: int, blob: memoryview) -> None:
-        padded = _round_up(blob.nbytes)
-        buf = self._buffer(padded)
-        buf[:blob.nbytes] = blob
-        if padded > blob.nbytes:
-            buf[blob.nbytes:] = bytes(padded - blob.nbytes)
+    def _aligned(self, view: memoryview) -> bool:
+        """Whether O_DIRECT can move `view` itself (buffered I/O can always)."""
+        return self.io_mode != "direct" or _address(view) % UNIT_BYTES == 0
+
+    def _pwritev_all(self, iov: list, offset: int, total: int, done: int = 0) -> None:
         pos = 0
-        while pos < padded:
-            n = os.pwrite(self._data_fd, buf[pos:], offset + pos)
+        while iov:
+            n = os.pwritev(self._data_fd, iov, offset + pos)
             if n <= 0:
-                raise OSError(errno.EIO, f"tier {self.name}: pwrite returned {n}")
+                raise OSError(errno.EIO, f"tier {self.name}: pwritev returned {n}")
             pos += n
-            if pos < padded and (offset + pos) % UNIT_BYTES and self.io_mode == "direct":
+            iov = _advance(iov, n)
+            if iov and (offset + pos) % UNIT_BYTES and self.io_mode == "direct":
                 # O_DIRECT cannot continue at an unaligned offset; a short write means the
                 # filesystem (or RLIMIT_FSIZE) refused the rest
-                raise OSError(errno.ENOSPC, f"tier {self.name}: short write ({pos} of {padded} bytes): "
+                raise OSError(errno.ENOSPC, f"tier {self.name}: short write ({done + pos} of {total} bytes): "
                                             "disk full or file size limit")
+
+    def _write_extent(self, offset: int, head: memoryview | None, blob: memoryview) -> None:
+        """Write [header unit][data][zero pad to a unit] at offset: straight from `blob` when it is
+        aligned (or I/O is buffered), else through aligned bounce buffers, chunk by chunk."""
+        iov = []
+        if head is not None:
+            unit = self._buffer(UNIT_BYTES, "head")
+            unit[:head.nbytes] = head
+            unit[head.nbytes:] = bytes(UNIT_BYTES - head.nbytes)
+            iov.append(unit)
+        n = blob.nbytes
+        padded = _round_up(n) if n or head is None else 0
+        total = len(iov) * UNIT_BYTES + padded
+        if self._aligned(blob):
+            main = n - n % UNIT_BYTES if self.io_mode == "direct" else n
+            if main:
+                iov.append(blob[:main])
+            if padded > main:   # the last partial unit, zero-padded
+                tail = self._buffer(UNIT_BYTES, "tail")[:padded - main]
+                tail[:n - main] = blob[main:]
+                tail[n - main:] = bytes(padded - n)
+                iov.append(tail)
+            self._pwritev_all(iov, offset, total)
+            return
+        if iov:   # header unit first, then the data from the next unit
+            self._pwritev_all(iov, offset, total)
+            offset += UNIT_BYTES
+        self._stats["bounce_bytes"] += n
+        if padded <= CHUNK_BYTES:
+            buf = self._buffer(padded)
+            buf[:n] = blob
+            buf[n:] = bytes(padded - n)
+            self._pwritev_all([buf], offset, total, total - padded)
+            return
+        # double-buffered: copy chunk i+1 while the writer thread writes chunk i
+        bufs = [self._buffer(CHUNK_BYTES, "chunk0"), self._buffer(CHUNK_BYTES, "chunk1")]
+        pool = self._writer()
+        pending = None
+        try:
+            for i, pos in enumerate(range(0, padded, CHUNK_BYTES)):
+                size = min(CHUNK_BYTES, padded - pos)
+                buf = bufs[i % 2][:size]
+                have = max(0, min(size, n - pos))
+                buf[:have] = blob[pos:pos + have]
+                if have < size:
+                    buf[have:] = bytes(size - have)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(self._pwritev_all, [buf], offset + pos, total, total - padded + pos)
+            pending.result()
+            pending = None
+        finally:
+            if pending is not None:   # an error: wait before the buffers can be reused
+                try:
+                    pending.result()
+                except OSError:
+                    pass
+
+    def _preadv_all(self, iov: list, offset: int) -> int:
+        pos = 0
+        while iov:
+            n = os.preadv(self._data_fd, iov, offset + pos)
+            if n <= 0:
+                break  # end of file: the extent is short, the checksum says so
+            pos += n
+            iov = _advance(iov, n)
+        return pos
 
     def _read_extent(self, rec: _Record) -> memoryview:
         padded = _round_up(rec.stored_length)
         buf = self._buffer(padded)
-        pos = 0
-        while pos < padded:
-            n = os.preadv(self._data_fd, [buf[pos:]], rec.offset + pos)
-            if n <= 0:
-                break  # end of file: the extent is short, the checksum says so
-            pos += n
+        pos = self._preadv_all([buf], rec.offset)
         return buf[:min(pos, rec.stored_length)]
 
-    def _fetch(self, key: bytes) -> bytes | memoryview:
-        """The original bytes of a block, verified; drops the block on a checksum failure."""
-        key = check_key(key)
-        self._check_open()
+    def _read_body_into(self, rec: _Record, dst: memoryview) -> tuple[bytes, bool]:
+        """Read a codec-none block's header and data (into dst, straight when it is aligned) and
+        verify its checksum: (header, ok)."""
+        n = dst.nbytes
+        if not self._aligned(dst):
+            stored = self._read_extent(rec)
+            if stored.nbytes != rec.stored_length:
+                return b"", False
+            start = UNIT_BYTES if rec.hlen else 0
+            head = bytes(stored[:rec.hlen])
+            dst[:] = stored[start:start + n]
+            self._stats["bounce_bytes"] += n
+            return head, _csum([head, dst]) == rec.checksum
+        iov = []
+        if rec.hlen:
+            iov.append(self._buffer(UNIT_BYTES, "head"))
+        main = n - n % UNIT_BYTES if self.io_mode == "direct" else n
+        if main:
+            iov.append(dst[:main])
+        tail = None
+        if n > main:
+            tail = self._buffer(UNIT_BYTES, "tail")
+            iov.append(tail)
+        want = (UNIT_BYTES if rec.hlen else 0) + n
+        got = self._preadv_all(iov, rec.offset)
+        if got < want:
+            return b"", False
+        if tail is not None:
+            dst[main:] = tail[:n - main]
+        head = bytes(iov[0][:rec.hlen]) if rec.hlen else b""
+        return head, _csum([head, dst] if rec.hlen else [dst]) == rec.checksum
+
+    def _lookup(self, key: bytes) -> _Record:
         with self._lock:
             rec = self._index.get(key)
             self._stats["gets"] += 1
             if rec is None:
                 self._stats["misses"] += 1
                 raise KeyError(key)
-        stored = self._read_extent(rec)
-        detail = None
-        data = None
-        if stored.nbytes != rec.stored_length or checksum(stored) != rec.stored_checksum:
-            detail = "stored bytes do not match their checksum"
-        else:
-            try:
-                data = stored if rec.codec == CODEC_IDS["none"] else self._codec(rec.codec).decode(stored)
-            except Exception as e:
-                detail = f"cannot decode ({e})"
-            else:
-                if rec.codec != CODEC_IDS["none"] and KINDS[rec.codec] in ("zstd", "lz4") \
-                        and checksum(data) != rec.checksum:
-                    detail = "decoded bytes do not match their checksum"
+            return rec
+
+    def _settle(self, key: bytes, rec: _Record, detail: str | None) -> bool:
+        """After reading rec: True to serve what was read, False to read again (the block was
+        replaced or deleted meanwhile); raises ChecksumError (block dropped) if it is corrupt."""
         with self._lock:
-            if self._index.get(key) is not rec:  # replaced or deleted while we read: read again
+            if self._index.get(key) is not rec:
                 if detail is not None or key in self._index:
-                    return self._fetch(key)
+                    self._stats["gets"] -= 1   # counted again by the retry
+                    return False
             if detail is not None:
                 self._drop(key, rec)
                 raise ChecksumError(self.name, key, detail)
             self._stats["hits"] += 1
             self._stats["bytes_out"] += rec.length
-        return data
+        return True
+
+    def _fetch(self, key: bytes) -> tuple[bytes, bytes | memoryview]:
+        """(header, data) of a block, verified; drops the block on a checksum failure."""
+        key = check_key(key)
+        self._check_open()
+        while True:
+            rec = self._lookup(key)
+            stored = self._read_extent(rec)
+            detail = None
+            head, data = b"", None
+            if stored.nbytes != rec.stored_length:
+                detail = "stored bytes do not match their checksum"
+            elif rec.hlen:
+                head, data = stored[:rec.hlen], stored[UNIT_BYTES:]
+                if _csum([head, data]) != rec.checksum:
+                    detail = "stored bytes do not match their checksum"
+            elif checksum(stored) != rec.stored_checksum:
+                detail = "stored bytes do not match their checksum"
+            else:
+                try:
+                    data = stored if rec.codec == CODEC_IDS["none"] else self._codec(rec.codec).decode(stored)
+                except Exception as e:
+                    detail = f"cannot decode ({e})"
+                else:
+                    if rec.codec != CODEC_IDS["none"] and KINDS[rec.codec] in ("zstd", "lz4") \
+                            and checksum(data) != rec.checksum:
+                        detail = "decoded bytes do not match their checksum"
+            if self._settle(key, rec, detail):
+                return bytes(head), data
 
     def _drop(self, key: bytes, rec: _Record) -> None:
         """Forget a corrupt block durably, so it is never served again (caller holds the lock)."""
@@ -432,15 +648,57 @@ class NvmeTier(Tier):
         self._alloc.free(rec.offset, rec.stored_length)
 
     def get(self, key: bytes) -> bytes:
-        return bytes(self._fetch(key))
+        head, data = self._fetch(key)
+        return b"".join((head, data)) if head else bytes(data)
 
     def get_into(self, key: bytes, out) -> int:
-        data = memoryview(self._fetch(key)).cast("B")
+        """Copy the block (header + data) into `out`; an aligned `out` of a header-less block is read
+        into straight from disk."""
         dst = memoryview(out).cast("B")
-        if dst.nbytes < data.nbytes:
-            raise ValueError(f"tier {self.name}: buffer of {dst.nbytes} bytes < block of {data.nbytes}")
-        dst[:data.nbytes] = data
-        return data.nbytes
+        with self._lock:
+            rec = self._index.get(check_key(key))
+        if rec is not None and not rec.hlen and rec.codec == CODEC_IDS["none"]:
+            if dst.nbytes < rec.length:
+                raise ValueError(f"tier {self.name}: buffer of {dst.nbytes} bytes < block of {rec.length}")
+            head, n = self.get_body_into(key, dst)
+            if not head:
+                return n
+            # replaced meanwhile by a block with a header: read that one the general way
+        head, data = self._fetch(key)
+        data = memoryview(data).cast("B")
+        total = len(head) + data.nbytes
+        if dst.nbytes < total:
+            raise ValueError(f"tier {self.name}: buffer of {dst.nbytes} bytes < block of {total}")
+        dst[:len(head)] = head
+        dst[len(head):total] = data
+        return total
+
+    def get_body_into(self, key: bytes, out) -> tuple[bytes, int]:
+        """(header, data length) of a block, its data read into `out` (straight from disk with
+        O_DIRECT when `out` is page-aligned: a memfd arena slot), verified; ChecksumError drops it.
+        On an error `out` may hold anything."""
+        key = check_key(key)
+        self._check_open()
+        dst = memoryview(out).cast("B")
+        while True:
+            rec = self._lookup(key)
+            n = rec.length - rec.hlen
+            if dst.nbytes < n:
+                with self._lock:
+                    self._stats["gets"] -= 1
+                raise ValueError(f"tier {self.name}: buffer of {dst.nbytes} bytes < block of {n}")
+            if rec.codec != CODEC_IDS["none"]:
+                with self._lock:
+                    self._stats["gets"] -= 1   # _fetch counts it
+                head, data = self._fetch(key)
+                data = memoryview(data).cast("B")
+                if dst.nbytes < data.nbytes:
+                    raise ValueError(f"tier {self.name}: buffer of {dst.nbytes} bytes < block of {data.nbytes}")
+                dst[:data.nbytes] = data
+                return head, data.nbytes
+            head, ok = self._read_body_into(rec, dst[:n])
+            if self._settle(key, rec, None if ok else "stored bytes do not match their checksum"):
+                return head, n
 
     def contains(self, key: bytes) -> bool:
         return bytes(key) in self._index
@@ -472,7 +730,7 @@ class NvmeTier(Tier):
         with self._lock:
             r = self._index[check_key(key)]
             return {"offset": r.offset, "length": r.length, "stored_length": r.stored_length,
-                    "codec": KINDS[r.codec], "checksum": r.checksum, "seq": r.seq}
+                    "codec": KINDS[r.codec], "checksum": r.checksum, "seq": r.seq, "header_length": r.hlen}
 
     def stats(self) -> dict:
         out = super().stats()

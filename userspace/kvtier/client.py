@@ -18,10 +18,12 @@ import errno
 import mmap
 import os
 import socket
+import threading
 
 import numpy as np
 
 from kvtier.daemon import protocol
+from kvtier.errors import InputError
 
 BLOCK_TYPES = ("prefix", "history", "input", "tail")
 LOOKUP_BATCH = 4096   # hashes per message: well under protocol.MAX_MESSAGE_BYTES
@@ -38,6 +40,33 @@ def _meta(data) -> tuple[memoryview, object]:
         return memoryview(a.reshape(-1).view(np.uint8)), [a.dtype.str, list(a.shape)]
     mv = memoryview(data)
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv, None
+
+
+_LAYOUT_DTYPES = {"float16": "fp16", "float32": "fp32"}
+
+
+def _layout(layout, data, nbytes: int):
+    """The wire layout [dtype, tokens, heads, head_dim] of one block (None: none). layout="auto" takes it
+    from a numpy array shaped [2, tokens, heads, head_dim] (K then V) of float16/float32."""
+    if layout is None:
+        return None
+    if isinstance(layout, str) and layout == "auto":
+        if not isinstance(data, np.ndarray) or data.ndim != 4 or data.shape[0] != 2 or \
+                data.dtype.name not in _LAYOUT_DTYPES:
+            raise InputError("layout: \"auto\" needs numpy float16/float32 arrays shaped [2, tokens, heads, "
+                             f"head_dim], got {getattr(data, 'shape', type(data).__name__)}")
+        return [_LAYOUT_DTYPES[data.dtype.name], *(int(x) for x in data.shape[1:])]
+    if hasattr(layout, "head_dim"):   # a kvtier.store.codec.KVLayout
+        layout = (layout.dtype, layout.tokens, layout.heads, layout.head_dim)
+    from kvtier.store.codec import DTYPES
+    if not isinstance(layout, (list, tuple)) or len(layout) != 4 or layout[0] not in DTYPES or \
+            not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in layout[1:]):
+        raise InputError(f"layout: expected (dtype ({', '.join(DTYPES)}), tokens, heads, head_dim) or \"auto\", "
+                         f"got {layout!r}")
+    need = 2 * layout[1] * layout[2] * layout[3] * (4 if layout[0] == "fp32" else 2)
+    if need != nbytes:
+        raise InputError(f"layout: {tuple(layout)!r} describes {need} bytes, the block has {nbytes}")
+    return list(layout)
 
 
 class Client:
@@ -60,6 +89,8 @@ class Client:
         self._maps: list[mmap.mmap | None] = []
         self._views: list[memoryview | None] = []
         self._dev = None           # /dev/kvtier, when the daemon's arenas are kvtier.ko regions
+        self._prefault_stop = threading.Event()
+        self._prefaults: list[threading.Thread] = []
         self.hello = self._call("hello", tenant=tenant, version=protocol.VERSION, _want_fds=True)
 
     # -- plumbing ------------------------------------------------------------------------------------
@@ -138,6 +169,15 @@ class Client:
                 self._maps.append(None)
                 self._views.append(None)
             self._maps[g], self._views[g] = m, memoryview(m)
+            if a.get("prefault"):
+                # the daemon prefaults this arena: map its pages into our page tables too, in the background,
+                # so a put's first touch of a slot does not fault page by page (~16k faults per 64 MiB)
+                from kvtier import numa
+                from kvtier.store.memory import populate
+                t = threading.Thread(target=populate, args=(numa.address_of(m), a["size"], self._prefault_stop),
+                                     name=f"kvtier-prefault-{g}", daemon=True)
+                t.start()
+                self._prefaults.append(t)
 
     def _view(self, arena: int, offset: int, nbytes: int) -> memoryview:
         if arena >= len(self._views) or self._views[arena] is None:
@@ -149,6 +189,9 @@ class Client:
             self._collect_commits()
         except OSError:
             pass
+        self._prefault_stop.set()   # a populate must not run on a mapping being unmapped
+        for t in self._prefaults:
+            t.join()
         for v in self._views:
             if v is not None:
                 v.release()
@@ -185,14 +228,21 @@ class Client:
         self._call("hint", **fields)
 
     # -- blocks ---------------------------------------------------------------------------------------------
-    def put(self, session: int | None, blocks, durable: bool = False, wait: bool = True) -> int:
+    def put(self, session: int | None, blocks, durable: bool = False, wait: bool = True, layout=None,
+            lossless: bool = False) -> int:
         """Store blocks [(prefix_hash, block_type, numpy array | bytes-like)]; returns how many were new
         (the rest were already stored under this tenant: dedup). durable=True writes them through to NVMe
         before the call returns, so they survive a crash of the daemon.
 
         wait=False pipelines: the commit is sent but its reply is read by the next call (or flush()), so the
         daemon checksums this put while the engine prepares the next one; returns 0 then, errors surface at
-        the next call. The blocks are visible to the next request on this connection either way."""
+        the next call. The blocks are visible to the next request on this connection either way.
+
+        layout: how the blocks are laid out as KV (K then V, each [tokens, heads, head_dim]): a tuple
+        (dtype, tokens, heads, head_dim) for every block, or "auto" (from each array's shape [2, tokens, heads,
+        head_dim]). With it, an NVMe tier configured with a quantising codec (int8/int4, error_bound) may store
+        the block quantised: a later get returns values within the bound, not the same bytes. Without it, or
+        with lossless=True, blocks always come back byte-identical."""
         batch = self.hello.get("put_batch_bytes") or (1 << 62)
         items, views, nbytes, stored = [], [], 0, 0
         for h, btype, data in blocks:
@@ -200,7 +250,10 @@ class Client:
             if items and (nbytes + mv.nbytes > batch or len(items) >= PUT_BATCH):   # reserved slots must fit in memory tiers at once
                 stored += self._put(session, items, views, durable, wait)
                 items, views, nbytes = [], [], 0
-            items.append([h, btype, mv.nbytes, meta])
+            item = [h, btype, mv.nbytes, meta]
+            if layout is not None and not lossless:
+                item.append(_layout(layout, data, mv.nbytes))
+            items.append(item)
             views.append(mv)
             nbytes += mv.nbytes
         return stored + self._put(session, items, views, durable, wait) if items else stored

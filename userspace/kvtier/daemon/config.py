@@ -25,7 +25,8 @@
     kind = "nvme"
     directory = "/var/lib/kvtier/nvme"
     capacity = "100GiB"
-    codec = { name = "zstd" }             # optional, see kvtier.store codec_from_config
+    codec = { compression = "zstd" }      # optional: zstd | lz4 (lossless), or { quantization = "int8" | "int4",
+                                          # error_bound = 0.02 } for KV blocks put with a layout
     fsync = true
 
     [tenants.acme]                        # optional: a tenant's salt and the uids allowed to bind to it
@@ -70,6 +71,7 @@ class TierConfig:
     directory: str = ""
     codec: dict | None = None
     fsync: bool = True
+    prefault: bool = False   # memory tiers: fault the whole arena in at start (first puts pay no page faults)
 
 
 @dataclass
@@ -301,7 +303,7 @@ def _tiers(spec, state_dir: str, w: str) -> list[TierConfig]:
         where = f"{w}tiers[{i}]."
         if not isinstance(t, dict):
             raise InputError(f"{w}tiers[{i}]: expected a table")
-        allowed = {"name", "kind", "nodes", "capacity", "backend", "directory", "codec", "fsync"}
+        allowed = {"name", "kind", "nodes", "capacity", "backend", "directory", "codec", "fsync", "prefault"}
         bad = set(t) - allowed
         if bad:
             raise InputError(f"{where}{sorted(bad)[0]}: unknown key; valid: {', '.join(sorted(allowed))}")
@@ -325,7 +327,10 @@ def _tiers(spec, state_dir: str, w: str) -> list[TierConfig]:
             tc.capacity_bytes = parse_size(t["capacity"], f"{where}capacity", _disk_free(d))
             codec = t.get("codec")
             if codec is not None and not isinstance(codec, dict):
-                raise InputError(f"{where}codec: expected a table such as {{ name = \"zstd\" }}")
+                raise InputError(f"{where}codec: expected a table such as {{ compression = \"zstd\" }}")
+            if codec is not None:   # checked here, so --check and SIGHUP catch a bad codec, not only a start
+                from kvtier.store.codec import codec_from_config
+                codec_from_config(codec, where=f"{where}codec")
             tc.codec = codec
             fs = t.get("fsync", True)
             if not isinstance(fs, bool):
@@ -343,6 +348,12 @@ def _tiers(spec, state_dir: str, w: str) -> list[TierConfig]:
             if backend not in ("auto", "memfd", "kmod"):
                 raise InputError(f"{where}backend: expected auto, memfd or kmod, got {backend!r}")
             tc.backend = backend
+            prefault = t.get("prefault", False)
+            if not isinstance(prefault, bool):
+                raise InputError(f"{where}prefault: expected true or false")
+            tc.prefault = prefault
+        if kind == "nvme" and "prefault" in t:
+            raise InputError(f"{where}prefault: only memory tiers (dram, cxl) are prefaulted")
         out.append(tc)
     if out[0].kind == "nvme":
         raise InputError(f"{w}tiers[0].kind: the first tier must be a memory tier (dram or cxl)")

@@ -29,6 +29,8 @@ import xxhash
 
 from kvtier.policy.model import BlockType, Request, SessionState
 from kvtier.policy.registry import make_policy
+from kvtier.store.base import ErrorBoundExceeded
+from kvtier.store.codec import DTYPES
 
 log = logging.getLogger("kvtier.daemon")
 
@@ -71,9 +73,23 @@ def _plain(x):
     return str(x)
 
 
+def _check_layout(layout, nbytes: int):
+    """A put item's layout [dtype, tokens, heads, head_dim] (None: no layout), checked against its size."""
+    if layout is None:
+        return None
+    if not isinstance(layout, (list, tuple)) or len(layout) != 4 or layout[0] not in DTYPES or \
+            not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in layout[1:]):
+        raise err(errno.EINVAL, f"layout: expected [dtype ({', '.join(DTYPES)}), tokens, heads, head_dim], "
+                                f"got {layout!r}")
+    need = 2 * layout[1] * layout[2] * layout[3] * (4 if layout[0] == "fp32" else 2)
+    if need != nbytes:
+        raise err(errno.EINVAL, f"layout: {layout!r} describes {need} bytes, the block has {nbytes}")
+    return tuple(layout)
+
+
 class Block:
     __slots__ = ("key", "bid", "tenant", "nbytes", "btype", "meta", "tier", "sessions", "pins", "leases",
-                 "nvme_copy", "durable", "out_of_policy", "hits")
+                 "nvme_copy", "durable", "out_of_policy", "hits", "layout")
 
     def __init__(self, key, tenant, nbytes, btype, meta, tier):
         self.key = key
@@ -90,6 +106,7 @@ class Block:
         self.durable = False    # put with durable=True: the NVMe copy is kept while the block is in memory
         self.out_of_policy = False
         self.hits = 0
+        self.layout = None      # (dtype, tokens, heads, head_dim) of a KV block a quantising tier may quantise
 
     def to_dict(self, tiers) -> dict:
         return {"block": self.key.hex(), "tenant": self.tenant, "nbytes": self.nbytes,
@@ -224,6 +241,7 @@ class Engine:
         head = msgpack.unpackb(raw[8:8 + hlen], raw=False)
         b.tenant, b.btype, b.meta = head["tenant"], head["type"], head["meta"]
         b.durable = bool(head.get("durable"))
+        b.layout = tuple(head["layout"]) if head.get("layout") else None
         b.nvme_copy = True
         b.nbytes = total - 8 - hlen
         return 8 + hlen
@@ -264,8 +282,10 @@ class Engine:
         return b
 
     def _nvme_header(self, b: Block) -> bytes:
-        head = msgpack.packb({"tenant": b.tenant, "type": b.btype, "meta": b.meta, "durable": b.durable},
-                             use_bin_type=True)
+        fields = {"tenant": b.tenant, "type": b.btype, "meta": b.meta, "durable": b.durable}
+        if b.layout:
+            fields["layout"] = list(b.layout)
+        head = msgpack.packb(fields, use_bin_type=True)
         return b"".join((NVME_MAGIC, len(head).to_bytes(4, "little"), head))
 
     def _room(self, t: int, nbytes: int, reason: str = "capacity") -> None:
@@ -314,7 +334,7 @@ class Engine:
                 else:
                     header = self._nvme_header(b)
                     if len(header) <= NVME_HEADER_MAX:   # apart from the data: no copy to join them
-                        tier.put(b.key, payload, header=header)
+                        self._nvme_put(b, payload, header)
                     else:
                         tier.put(b.key, b"".join((header, payload)))
                 return
@@ -322,6 +342,22 @@ class Engine:
                 if e.errno != errno.ENOSPC or not self._evict_one(t, "capacity"):
                     raise
         raise err(errno.ENOSPC, f"tier {tier.name}: no room after 64 evictions")
+
+    def _quant_layout(self, b: Block):
+        """b's KVLayout when the NVMe tier quantises and b has one (else None: stored as the codec says)."""
+        if b.layout is None or self.nvme is None or self.nvme.codec.lossless:
+            return None
+        from kvtier.store.codec import KVLayout
+        return KVLayout(*b.layout)
+
+    def _nvme_put(self, b: Block, payload, header: bytes) -> None:
+        layout = self._quant_layout(b)
+        try:
+            self.nvme.put(b.key, payload, header=header, layout=layout)
+        except ErrorBoundExceeded as e:
+            # over the tier's stated bound: this block is stored exactly (the store counted the refusal)
+            log.debug("block %s: %s; stored lossless", b.key.hex(), e)
+            self.nvme.put(b.key, payload, header=header, lossless=True)
 
     def _demote(self, b: Block, reason: str) -> None:
         """Move b one tier down (or drop it from the last tier). b is already out of its policy."""
@@ -531,9 +567,10 @@ class Engine:
         slots, staged, staged_keys = [], [], set()
         try:
             for item in items:
-                if not isinstance(item, (list, tuple)) or len(item) != 4:
-                    raise err(errno.EINVAL, "a put item is [prefix_hash, block_type, nbytes, meta]")
-                h, btype, nbytes, meta = item
+                if not isinstance(item, (list, tuple)) or len(item) not in (4, 5):
+                    raise err(errno.EINVAL, "a put item is [prefix_hash, block_type, nbytes, meta(, layout)]")
+                h, btype, nbytes, meta = item[:4]
+                layout = _check_layout(item[4], nbytes) if len(item) == 5 else None
                 if isinstance(btype, str):
                     btype = BLOCK_TYPES.get(btype)
                 if not isinstance(btype, int) or btype not in BLOCK_TYPES.values():
@@ -552,7 +589,9 @@ class Engine:
                     slots.append(None)
                     continue
                 t, slot = self._reserve(key, nbytes)
-                staged.append((key, Block(key, tenant, nbytes, btype, meta, t)))
+                nb = Block(key, tenant, nbytes, btype, meta, t)
+                nb.layout = layout
+                staged.append((key, nb))
                 staged_keys.add(key)
                 slots.append([self._arena_id(t, slot.arena), slot.offset, nbytes])
         except BaseException:
@@ -641,6 +680,8 @@ class Engine:
     def _spill_many(self, staged: list) -> bool:
         """Write a durable batch through to NVMe as one group commit (one data and one index fdatasync);
         False if that did not work out (nothing of it acknowledged): the caller goes block by block."""
+        if any(self._quant_layout(b) for _, b in staged):
+            return False   # quantised blocks go one by one: each may be refused over the bound and retried
         items = []
         for key, b in staged:
             b.durable = True
@@ -865,6 +906,8 @@ class Engine:
                          "used_bytes": tier.used_bytes, "blocks": len(tier),
                          "hits": self.hits_by_tier[t], "backend": getattr(tier, "backend", "file"),
                          "backend_note": getattr(tier, "backend_note", "")})
+            if hasattr(tier, "quant_stats") and not tier.codec.lossless:
+                rows[-1]["quant"] = tier.quant_stats()   # the error measured on what it quantised
         return rows
 
     def status(self) -> dict:

@@ -27,6 +27,10 @@ class _TierCollector:
         blocks = GaugeMetricFamily("kvtier_tier_blocks", "Blocks held by the tier", labels=["tier", "kind"])
         sessions = GaugeMetricFamily("kvtier_sessions", "Registered sessions")
         total = GaugeMetricFamily("kvtier_blocks", "Blocks stored (all tiers)")
+        qerr = GaugeMetricFamily("kvtier_quant_error", "Quantisation error measured on a tier's quantised blocks "
+                                 "(max_abs, rel_rms_max, rel_rms_mean)", labels=["tier", "measure"])
+        qblocks = GaugeMetricFamily("kvtier_quant_blocks", "Blocks a tier quantised, or stored exactly because "
+                                    "over its error bound", labels=["tier", "outcome"])
         rows = []
         for _ in range(3):   # the engine's loop may change its dicts meanwhile: retry a torn read
             try:
@@ -40,9 +44,15 @@ class _TierCollector:
                 cap.add_metric(labels, row["capacity_bytes"])
                 used.add_metric(labels, row["used_bytes"])
                 blocks.add_metric(labels, row["blocks"])
+                q = row.get("quant")
+                if q:
+                    for m in ("max_abs", "rel_rms_max", "rel_rms_mean"):
+                        qerr.add_metric([row["name"], m], q[m])
+                    qblocks.add_metric([row["name"], "quantised"], q["quantised_blocks"])
+                    qblocks.add_metric([row["name"], "over_bound"], q["refused_over_bound"])
             sessions.add_metric([], len(eng.sessions))
             total.add_metric([], len(eng.blocks))
-        yield from (cap, used, blocks, sessions, total)
+        yield from (cap, used, blocks, sessions, total, qerr, qblocks)
 
 
 class _LatencyCollector:

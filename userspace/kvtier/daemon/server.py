@@ -73,7 +73,8 @@ def build_tiers(cfg) -> list:
                 codec = codec_from_config(t.codec) if t.codec else None
                 tiers.append(NvmeTier(t.name, t.directory, t.capacity_bytes, codec=codec, fsync=t.fsync))
             else:
-                tiers.append(MemoryTier(t.name, t.kind, t.nodes, t.capacity_bytes, backend=t.backend))
+                tiers.append(MemoryTier(t.name, t.kind, t.nodes, t.capacity_bytes, backend=t.backend,
+                                        prefault=t.prefault))
     except BaseException:
         for tier in tiers:
             tier.close()

@@ -13,10 +13,12 @@ recorded one. checksum="commit" records it at commit and verifies it on every ge
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
 import re
+import threading
 from dataclasses import dataclass
 
 from kvtier import numa
@@ -26,6 +28,27 @@ from kvtier.store.base import ChecksumError, Slot, Tier, check_key, checksum, en
 ALIGN_BYTES = 64  # cache line: blocks never share a line, small blocks waste little
 PAGE_ALIGN_MIN = 64 << 10  # blocks this big start on a page: O_DIRECT to/from NVMe works on the slot itself
 KMOD_BLOCK_BYTES = 2 << 20  # kvtier.ko region block: a page multiple, the driver's unit of migration
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable without touching them
+POPULATE_CHUNK = 8 << 20   # per madvise call: a close() waits at most this long for a prefault to stop
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def populate(addr: int, length: int, stop: threading.Event | None = None) -> str:
+    """Fault [addr, addr+length) in writable, chunk by chunk (ctypes drops the GIL, so a background thread
+    does this without stalling the caller's thread); returns "" when done, else why it stopped. A page
+    first touched costs ~3 us (a shmem page allocated and zeroed, then mapped): 64 MiB is ~50 ms that a
+    put would otherwise pay."""
+    off = 0
+    while off < length:
+        if stop is not None and stop.is_set():
+            return "stopped"
+        n = min(POPULATE_CHUNK, length - off)
+        if _libc.madvise(addr + off, n, MADV_POPULATE_WRITE) != 0:
+            return f"madvise(MADV_POPULATE_WRITE): {os.strerror(ctypes.get_errno())}"   # kernel < 5.14
+        off += n
+    return ""
 
 
 @dataclass
@@ -46,10 +69,11 @@ class _Arena:
         self.region = region
         self.alloc = ExtentAllocator(size, ALIGN_BYTES)
         self.addr = numa.address_of(buf) if size else 0
+        self.prefault = False   # clients populate their mapping too (page tables: ~1.5 us a page otherwise)
 
     def handle(self) -> dict:
         if self.kind == "memfd":
-            return {"kind": "memfd", "fd": self.fd, "size": self.size}
+            return {"kind": "memfd", "fd": self.fd, "size": self.size, "prefault": self.prefault}
         return {"kind": "kvtier", "region_id": self.region.id, "mmap_offset": self.region.mmap_offset,
                 "size": self.size}
 
@@ -69,7 +93,7 @@ class MemoryTier(Tier):
     checksum="lazy"|"commit")."""
 
     def __init__(self, name: str, kind: str, nodes: list[int], capacity_bytes: int, backend: str = "auto",
-                 checksum: str = "lazy"):
+                 checksum: str = "lazy", prefault: bool = False):
         super().__init__(name, kind, capacity_bytes)
         if checksum not in ("lazy", "commit"):
             raise ValueError(f"tier {name}: checksum must be lazy or commit, not {checksum!r}")
@@ -100,6 +124,23 @@ class MemoryTier(Tier):
         if not self._arenas:
             self._open_memfd()
             self.backend = "memfd"
+        # prefault: the arena's pages are allocated now, in the background, instead of on a put's first touch
+        self.prefault = prefault and self.backend == "memfd"
+        self._prefault_stop = threading.Event()
+        self._prefault_thread = None
+        self.prefault_note = ""
+        for a in self._arenas:
+            a.prefault = self.prefault
+        if self.prefault:
+            self._prefault_thread = threading.Thread(target=self._prefault, name=f"prefault-{name}", daemon=True)
+            self._prefault_thread.start()
+
+    def _prefault(self) -> None:
+        for a in self._arenas:
+            why = populate(a.addr, a.size, self._prefault_stop)
+            if why:
+                self.prefault_note = why
+                return
 
     # -- arenas -----------------------------------------------------------------------------------
 
@@ -440,9 +481,14 @@ class MemoryTier(Tier):
                    reserved_blocks=len(self._pending))
         if self.backend_note:
             out["backend_note"] = self.backend_note
+        if self.prefault_note:
+            out["prefault_note"] = self.prefault_note
         return out
 
     def close(self) -> None:
+        if getattr(self, "_prefault_thread", None) is not None:
+            self._prefault_stop.set()   # before the arenas are unmapped under it
+            self._prefault_thread.join()
         with self._lock:
             if self._closed:
                 return

@@ -46,6 +46,7 @@ DATA_FILE = "kvtier-data"
 LOG_FILE = "kvtier-index.log"
 LOCK_FILE = "kvtier.lock"
 OP_PUT, OP_DELETE = 1, 2
+_QHEAD_MAGIC = b"KVH1"  # quantised blob with the caller's header framed in front (quantising codecs)
 _REC = struct.Struct("<4sBBHQ16sQQQQQ")  # magic op codec hlen seq key offset length stored_length csum stored_csum
 _CRC = struct.Struct("<II")               # crc32 of the record body, reserved
 REC_BYTES = _REC.size + _CRC.size
@@ -391,8 +392,10 @@ class NvmeTier(Tier):
         done: list[_Pending] = []
         try:
             for item in items:
-                key, data, header = item if len(item) == 3 else (*item, b"")
-                p = self._prepare_and_write(check_key(key), data, header, layout, lossless)
+                # (key, data), (key, data, header) or (key, data, header, layout): a layout per block
+                key, data, header, item_layout = (*item, b"", layout)[:4] if len(item) == 2 else \
+                    (*item, layout)[:4]
+                p = self._prepare_and_write(check_key(key), data, header, item_layout, lossless)
                 done.append(p)
             if done:
                 self._sync(self._data_fd)
@@ -428,17 +431,24 @@ class NvmeTier(Tier):
         head = memoryview(header).cast("B")
         if head.nbytes > MAX_HEADER:
             raise InputError(f"tier {self.name}: a header is at most {MAX_HEADER} bytes, got {head.nbytes}")
+        qhead = memoryview(b"")
         if head.nbytes and self.codec.kind != "none":
             if self.codec.lossless:
                 src = memoryview(bytes(head) + bytes(src))   # a compressor needs the block in one piece
                 head = memoryview(b"")
-            else:
-                lossless = True   # a layout describes the data, not header + data: store it as is
+            elif layout is not None and not lossless:
+                # a layout describes the data only: quantise that, and frame the header in front of the blob
+                qhead, head = head, memoryview(b"")
         with self._lock:
             blob, codec = self._encode(src, layout, lossless)
         blob = memoryview(blob).cast("B")
         csum = _csum([head, src]) if head.nbytes else checksum(src)
-        if codec.kind == "none":
+        if qhead.nbytes:
+            hlen = 0   # the header is inside the blob: the record says nothing of it
+            blob = memoryview(b"".join((_QHEAD_MAGIC, qhead.nbytes.to_bytes(4, "little"), qhead, blob)))
+            stored = blob.nbytes
+            rec = _Record(0, 0, qhead.nbytes + src.nbytes, stored, codec.id, _csum([qhead, src]), checksum(blob))
+        elif codec.kind == "none":
             hlen = head.nbytes
             stored = (UNIT_BYTES if hlen else 0) + blob.nbytes
             rec = _Record(0, 0, hlen + src.nbytes, stored, codec.id, csum, csum, hlen)
@@ -626,6 +636,9 @@ class NvmeTier(Tier):
                 detail = "stored bytes do not match their checksum"
             else:
                 try:
+                    if rec.codec != CODEC_IDS["none"] and bytes(stored[:4]) == _QHEAD_MAGIC:
+                        hl = int.from_bytes(stored[4:8], "little")   # a quantised block with its header
+                        head, stored = stored[8:8 + hl], stored[8 + hl:]
                     data = stored if rec.codec == CODEC_IDS["none"] else self._codec(rec.codec).decode(stored)
                 except Exception as e:
                     detail = f"cannot decode ({e})"
@@ -731,6 +744,15 @@ class NvmeTier(Tier):
             r = self._index[check_key(key)]
             return {"offset": r.offset, "length": r.length, "stored_length": r.stored_length,
                     "codec": KINDS[r.codec], "checksum": r.checksum, "seq": r.seq, "header_length": r.hlen}
+
+    def quant_stats(self) -> dict:
+        """The quantisation error measured so far (cheap: for status and metrics)."""
+        s = self._stats
+        n = s["quantised_blocks"]
+        return {"codec": self.codec.kind, "error_bound": self.codec.error_bound, "quantised_blocks": n,
+                "refused_over_bound": s["quant_refused"], "skipped_no_layout": s["quant_skipped_no_layout"],
+                "max_abs": s["quant_max_abs"], "rel_rms_max": s["quant_rel_rms_max"],
+                "rel_rms_mean": s["quant_rel_rms_sum"] / n if n else 0.0}
 
     def stats(self) -> dict:
         out = super().stats()

@@ -195,3 +195,33 @@ def test_default_follows_the_better_expert_and_explains():
     held = sum(policy.explain(b)["held_by_expert"][info["decided_by"]] for b in resident)
     assert len(resident) == cap and held >= 0.9 * len(resident)
     assert "reuse_probability" in info["density_expert"]
+
+
+def test_prefetch_suggests_due_idle_sessions_first_without_tail_or_resident_blocks():
+    from kvtier.policy.model import Request, SessionState
+    from kvtier.policy.registry import make_policy
+
+    def turn(i, t, ids, sid):
+        return Request(index=i, timestamp_ms=t, input_length=len(ids) * 512, output_length=10,
+                       hash_ids=ids, session_id=sid)
+
+    # A returns every 1 s, C every 5 s, B has had one turn (no gap to predict from), D is finished.
+    reqs = [turn(0, 0, [1, 2], 1), turn(1, 0, [20, 21], 3), turn(2, 0, [10, 11], 2), turn(3, 0, [30, 31], 4),
+            turn(4, 1000, [1, 2, 3, 4], 1), turn(5, 5000, [20, 21, 22, 23], 3), turn(6, 5000, [30, 31, 32], 4)]
+    policy = make_policy("kvtier", 2, requests=reqs)
+    for r in reqs:
+        policy.begin_request(r)
+        policy.end_request(r, [policy.contains(b) for b in r.hash_ids])
+    for sid in (1, 2, 3):
+        policy.session_hint(sid, SessionState.IDLE)
+    policy.session_hint(4, SessionState.FINISHED)
+
+    got = policy.prefetch_suggestions(limit=100)
+    resident = {b for r in reqs for b in r.hash_ids if policy.contains(b)}
+    want_a = [b for b in (1, 2, 3) if b not in resident]      # A is due at 2 s, C at 10 s
+    want_c = [b for b in (20, 21, 22) if b not in resident]
+    assert len(resident) <= 2 and len(want_a + want_c) >= 4
+    assert got == want_a + want_c
+    assert 4 not in got and 23 not in got                       # a turn's tail block changes next turn
+    assert not {10, 11} & set(got) and not {30, 31, 32} & set(got)   # B: no gap yet; D: finished
+    assert policy.prefetch_suggestions(limit=1) == got[:1]

@@ -225,3 +225,21 @@ def test_large_blocks_start_on_a_page(tier):
         tier.delete(key(i))
     assert tier.used_bytes == 0
     tier.put(key(7), b"\1" * tier.capacity_bytes)   # slack coalesced: the whole capacity fits again
+
+
+def test_rename_reserved_names_a_placeholder_slot(tier):
+    placeholder, real = key(900), key(901)
+    slot = tier.reserve(placeholder, 4096)
+    tier.view(slot)[:] = b"\x5a" * 4096
+    tier.rename_reserved(placeholder, real)
+    with pytest.raises(KeyError):
+        tier.commit(placeholder)             # the placeholder name is gone
+    tier.commit(real)
+    assert tier.get(real) == b"\x5a" * 4096 and not tier.contains(placeholder)
+    other = tier.reserve(key(902), 4096)
+    with pytest.raises(KeyError):
+        tier.rename_reserved(key(902), key(902))   # the target name is taken (by itself here)
+    tier.abort(key(902))
+    with pytest.raises(KeyError):
+        tier.rename_reserved(key(903), key(904))   # nothing reserved under that name
+    assert other.nbytes == 4096

@@ -313,7 +313,8 @@ def main() -> None:
     print(table(rows, right=set(range(1, 12))))
     s = result["small"]
     print(f"\nsmall (64 B) blocks, per-operation overhead against the target of {TARGET_US:.0f} us "
-          f"(one block per call includes the socket round trips: put = reserve + commit, 2; get and contains, 1):")
+          f"(one block per call includes the socket round trips: put, get and contains, 1 each; a put copies "
+          f"into a spare slot the previous put's reply handed out):")
     rows = [["op", "one block per call, us", f"target {TARGET_US:.0f} us", "batch of 256, us/block",
              f"target {TARGET_US:.0f} us"]]
     for name, one, batch in (("put", "put_us_per_op", "put_us_per_block_batch256"),

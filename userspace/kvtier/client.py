@@ -8,8 +8,9 @@
         kv.hint(sid, "decoding")                                          # its blocks stay in the first tier
 
 Block bytes never go through the socket: at hello the daemon passes its arenas (memfd descriptors by SCM_RIGHTS,
-or kvtier.ko regions it granted to this uid), the client maps them, a put writes into reserved slots and commits,
-a get copies out of the slots the daemon returns and releases them (a release needs no reply). Not thread-safe:
+or kvtier.ko regions it granted to this uid), the client maps them, a put writes into slots the daemon reserved
+for it (spare slots the previous put's reply handed out: one round trip; else reserve, write, commit), a get
+copies out of the slots the daemon returns and releases them (a release needs no reply). Not thread-safe:
 use one Client per thread. The wire protocol is documented in kvtier.daemon.protocol.
 """
 from __future__ import annotations
@@ -86,6 +87,7 @@ class Client:
         self._id = 0
         self._unacked = 0          # commits sent without waiting for their reply
         self.stored_unacked = 0
+        self._spares: dict[int, list] = {}   # nbytes -> spare slots [[spare, arena, offset, nbytes]] to put into
         self._maps: list[mmap.mmap | None] = []
         self._views: list[memoryview | None] = []
         self._dev = None           # /dev/kvtier, when the daemon's arenas are kvtier.ko regions
@@ -122,6 +124,12 @@ class Client:
                 raise DaemonError(reply.get("errno") or errno.EIO, f"kvtierd: {reply.get('error')}")
             if "arenas" in reply:
                 self._map_arenas(reply["arenas"], fds)
+            if "spare_pool" in reply:   # the daemon moved every spare this connection holds
+                self._spares = {}
+                for sp in reply["spare_pool"]:
+                    self._spares.setdefault(sp[3], []).append(sp)
+            for sp in reply.get("spares") or ():
+                self._spares.setdefault(sp[3], []).append(sp)
         finally:
             for fd in fds:
                 os.close(fd)   # a mapping keeps the memory; the descriptor is not needed after mmap
@@ -259,7 +267,77 @@ class Client:
         return stored + self._put(session, items, views, durable, wait) if items else stored
 
     def _put(self, session, items, views, durable, wait=True) -> int:
+        if self.hello.get("spare_slots", False):
+            return self._put_spared(session, items, views, durable, wait)
         reply = self._call("put", session=session, blocks=items, durable=durable)
+        if not reply.get("txn"):
+            return 0
+        try:
+            for slot, mv in zip(reply["slots"], views):
+                if slot is not None:
+                    self._view(slot[0], slot[1], slot[2])[:] = mv
+        except BaseException:
+            self._call("abort", txn=reply["txn"])
+            raise
+        if not wait:
+            self._id += 1
+            protocol.send(self.sock, {"op": "commit", "id": self._id, "txn": reply["txn"]})
+            self._unacked += 1
+            return 0
+        return self._call("commit", txn=reply["txn"])["stored"]
+
+    def _want(self, items, per_block: int = 1) -> tuple[list, list]:
+        """Spare sizes to ask for (per_block per block of this put, less what is still held) and spares to give
+        back (sizes this put did not use: the engine's next put is likely shaped like this one)."""
+        need: dict[int, int] = {}
+        for it in items:
+            need[it[2]] = need.get(it[2], 0) + 1
+        drop = []
+        for n in list(self._spares):
+            if n not in need:
+                drop += [sp[0] for sp in self._spares.pop(n)]
+        want = []
+        for n, k in need.items():
+            want += [n] * max(0, k * per_block - len(self._spares.get(n, ())))
+        return want, drop
+
+    def _put_spared(self, session, items, views, durable, wait) -> int:
+        """One round trip when spare slots of the right sizes are held: copy into them, send one put naming
+        them; its reply hands out spares for the next put. Else reserve + commit, asking for spares."""
+        pool = self._spares
+        need: dict[int, int] = {}
+        for it in items:
+            need[it[2]] = need.get(it[2], 0) + 1
+        if self._unacked and not all(len(pool.get(n, ())) >= k for n, k in need.items()):
+            self._collect_commits()   # the spares of pipelined puts come with their replies
+        if all(len(pool.get(n, ())) >= k for n, k in need.items()):
+            used = []
+            try:
+                for it, mv in zip(items, views):
+                    sp = pool[it[2]].pop()
+                    used.append(sp)
+                    self._view(sp[1], sp[2], sp[3])[:] = mv
+                    it[:] = [it[0], it[1], it[2], it[3], it[4] if len(it) == 5 else None, sp[:3]]
+            except BaseException:
+                for sp in used:
+                    pool[sp[3]].append(sp)
+                raise
+            # pipelined (wait=False): this reply is read after the next put is sent, so hold two sets of spares
+            want, drop = self._want(items, 1 if wait else 2)
+            fields = {"session": session, "blocks": items, "durable": durable, "spared": True, "want": want}
+            if drop:
+                fields["drop"] = drop
+            if not wait:
+                self._id += 1
+                protocol.send(self.sock, {**fields, "op": "put", "id": self._id})
+                self._unacked += 1
+                return 0
+            return self._call("put", **fields)["stored"]   # a refused put: the daemon frees the spares it named
+        want, drop = self._want(items, 1 if wait else 2)
+        fields = {"session": session, "blocks": items, "durable": durable, "want": want}
+        if drop:
+            fields["drop"] = drop
+        reply = self._call("put", **fields)
         if not reply.get("txn"):
             return 0
         try:
@@ -326,7 +404,8 @@ class Client:
 
     def delete(self, hashes) -> int:
         hashes = list(hashes)
-        return sum(self._call("delete", blocks=hashes[i:i + LOOKUP_BATCH])["deleted"]
+        # spare_pool: the daemon may move this connection's spares into the room the delete freed
+        return sum(self._call("delete", blocks=hashes[i:i + LOOKUP_BATCH], spare_pool=bool(self._spares))["deleted"]
                    for i in range(0, len(hashes), LOOKUP_BATCH))
 
     def stats(self) -> dict:

@@ -35,6 +35,7 @@ from kvtier.store.codec import DTYPES
 log = logging.getLogger("kvtier.daemon")
 
 MOVES_KEPT = 4096
+PUT_SPARES_MAX = 2048   # spare slots handed out per request
 NVME_MAGIC = b"KVB1"
 NVME_HEADER_MAX = 4096   # NvmeTier stores a header up to this size apart from the data
 STATES = {"prefilling": SessionState.PREFILL, "decoding": SessionState.DECODE, "idle": SessionState.IDLE,
@@ -616,6 +617,106 @@ class Engine:
                     raise
                 last = e
         raise err(errno.ENOSPC, f"no memory tier has room for a {nbytes}-byte block: {last.strerror}")
+
+    # -- one-round-trip puts: spare slots ---------------------------------------------------------------
+    # A put reply (and a "spare" request) may hand the client spare slots: space reserved in a memory tier
+    # under a placeholder key, owned by that connection. The client copies its next blocks into spare slots
+    # of the right size and sends one "put" naming them (spare id, arena, offset, nbytes): the daemon checks
+    # the slot is this connection's and matches, renames the placeholder to the block's key and commits
+    # (dedup frees the slot instead). Spares never evict: they are taken only from free room under a tier's
+    # limit, at most `budget` bytes per connection.
+    def spare_reserve(self, owner: dict, sizes: list, budget: int) -> list:
+        out = []
+        held = sum(v[2] for v in owner.values())
+        for n in sizes[:PUT_SPARES_MAX]:
+            if not isinstance(n, int) or isinstance(n, bool) or \
+                    not self.cfg.min_block_bytes <= n <= self.cfg.max_block_bytes:
+                raise err(errno.EINVAL, f"spare size {n!r} outside [{self.cfg.min_block_bytes}, "
+                                        f"{self.cfg.max_block_bytes}] bytes")
+            if held + n > budget:
+                break
+            slot = None
+            for t in range(self.mem_count):
+                tier = self.tiers[t]
+                if tier.used_bytes + n > self.limit_bytes[t]:
+                    continue
+                sid = next(self._ids)
+                pkey = b"\xfe" * 8 + sid.to_bytes(8, "little")   # a placeholder key (KEY_BYTES)
+                try:
+                    slot = tier.reserve(pkey, n)
+                except OSError:
+                    continue
+                break
+            if slot is None:
+                break
+            owner[sid] = (t, pkey, n, self._arena_id(t, slot.arena), slot.offset)
+            held += n
+            out.append([sid, self._arena_id(t, slot.arena), slot.offset, n])
+        return out
+
+    def spare_refresh(self, owner: dict) -> list:
+        """Re-reserve a connection's spares after a delete freed memory: they move into the room just freed
+        (cache-warm, and first fit keeps the arena compact). The whole new set: the client replaces its own."""
+        sizes = [v[2] for v in owner.values()]
+        for sid in list(owner):
+            self.spare_free(owner, sid)
+        return self.spare_reserve(owner, sizes, sum(sizes))
+
+    def spare_free(self, owner: dict, sid: int) -> None:
+        t, pkey, _, _, _ = owner.pop(sid)
+        try:
+            self.tiers[t].abort(pkey)
+        except KeyError:
+            pass
+
+    def put_spare(self, tenant: str, sid, items: list, durable: bool, owner: dict) -> int:
+        """Commit blocks the client wrote into its spare slots: items [hash, type, nbytes, meta, layout|None,
+        [spare, arena, offset]]. Every item is checked before anything changes; a bad one fails the whole put
+        (EINVAL) and leaves the spares as they were."""
+        s = self._session(tenant, sid)
+        salt = self.cfg.tenant(tenant).salt
+        checked, seen = [], set()
+        for item in items:
+            if not isinstance(item, (list, tuple)) or len(item) != 6:
+                raise err(errno.EINVAL, "a spare put item is [prefix_hash, block_type, nbytes, meta, layout, "
+                                        "[spare, arena, offset]]")
+            h, btype, nbytes, meta, layout, where = item
+            layout = _check_layout(layout, nbytes) if layout is not None else None
+            if isinstance(btype, str):
+                btype = BLOCK_TYPES.get(btype)
+            if not isinstance(btype, int) or btype not in BLOCK_TYPES.values():
+                raise err(errno.EINVAL, f"block type must be one of {', '.join(BLOCK_TYPES)}")
+            if not isinstance(where, (list, tuple)) or len(where) != 3:
+                raise err(errno.EINVAL, "a spare slot is [spare, arena, offset]")
+            spare, arena, offset = where
+            info = owner.get(spare) if isinstance(spare, int) and not isinstance(spare, bool) else None
+            if info is None or spare in seen:
+                raise err(errno.EINVAL, f"spare slot {spare!r} is not this connection's (or named twice)")
+            if info[3] != arena or info[4] != offset or info[2] != nbytes:
+                raise err(errno.EINVAL, f"spare slot {spare}: [{arena!r}, {offset!r}, {nbytes!r}] is not "
+                                        f"the slot it was given ([{info[3]}, {info[4]}, {info[2]}])")
+            seen.add(spare)
+            checked.append((derive_key(salt, h), btype, nbytes, meta, layout, spare))
+        txn = next(self._ids)
+        staged, staged_keys = [], set()
+        for key, btype, nbytes, meta, layout, spare in checked:
+            old = self.blocks.get(key)
+            if old is not None or key in self.pending_keys or key in staged_keys:
+                if old is not None and s is not None:
+                    self._attach(s, old)
+                self.counters["dedup_puts"] += 1
+                self.spare_free(owner, spare)   # the client's copy is discarded
+                continue
+            t, pkey, _, _, _ = owner.pop(spare)
+            self.tiers[t].rename_reserved(pkey, key)   # the placeholder becomes the block's slot
+            nb = Block(key, tenant, nbytes, btype, meta, t)
+            nb.layout = layout
+            staged.append((key, nb))
+            staged_keys.add(key)
+        if not staged:
+            return 0
+        self.pending[txn] = (tenant, sid, staged, durable)
+        return self.put_commit(txn)
 
     def put_abort(self, txn: int) -> None:
         _, _, staged, _ = self.pending.pop(txn)

@@ -33,12 +33,24 @@ Ops (fields; reply fields):
   hint             session, state (prefilling|decoding|idle|finished|resume), block_types?
   put              session?, blocks [[hash, type, nbytes, meta]], durable? -> txn, slots [[arena, off, n]|None]
                    (None: already stored, dedup; the session's reference is taken; txn 0: nothing to write)
+                   want? [nbytes], drop? [spare]   -> spares [[spare, arena, off, n]] (see the spared put below)
+  put (spared)     spared: true, session?, blocks [[hash, type, nbytes, meta, layout|None, [spare, arena, off]]],
+                   durable?, want?, drop?          -> stored, spares: ONE round trip. The client copied each
+                   block into a spare slot a previous reply handed this connection (a slot reserved under a
+                   placeholder, owned by the connection, freed when it closes); the daemon checks every slot is
+                   this connection's and matches exactly (else EINVAL, nothing changes, the named spares are
+                   freed), then commits as `commit` does (dedup frees the slot). "want" asks for spares for the
+                   next put (taken from free room only, never by eviction, up to half the smallest memory tier
+                   per connection); "drop" gives spares back. hello's reply says spare_slots: true.
+  spare            want? [nbytes], drop? [spare]   -> spares
   commit           txn                             -> stored (acknowledged: see durability in engine.py)
   abort            txn
   get              session?, blocks [hash]          -> lease, slots [[arena, off, n, meta]|None], tiers
   release          lease                           (no reply when sent without id)
   contains         blocks [hash]                   -> tiers [name|None]
-  delete           blocks [hash]                   -> deleted
+  delete           blocks [hash], spare_pool?      -> deleted, spare_pool? (with spare_pool: true and spares held,
+                                                      they are re-reserved into the room just freed and the
+                                                      reply lists them all: the client replaces its set)
   stats            -                               -> the daemon's state (kvctl status)
   admin ops (kvctl): sessions, blocks {session?, tier?, limit?}, explain {block}, pin/unpin {block|session},
                      evict {block}, policy / policy_set {name}, moves {limit?}. stats and the read-only ones

@@ -83,13 +83,14 @@ def build_tiers(cfg) -> list:
 
 
 class Connection:
-    __slots__ = ("sock", "uid", "gid", "pid", "tenant", "txns", "leases", "groups", "refused")
+    __slots__ = ("sock", "uid", "gid", "pid", "tenant", "txns", "leases", "groups", "refused", "spares")
 
     def __init__(self, sock, uid, gid, pid, groups):
         self.sock, self.uid, self.gid, self.pid, self.groups = sock, uid, gid, pid, groups
         self.tenant = None
         self.txns: set[int] = set()
         self.leases: set[int] = set()
+        self.spares: dict[int, tuple] = {}   # spare slots this client may fill (engine.spare_reserve)
 
 
 class Server:
@@ -111,7 +112,8 @@ class Server:
         self._ops = {
             "hello": self.op_hello, "arenas": self.op_arenas, "register_session": self.op_register_session,
             "end_session": self.op_end_session, "hint": self.op_hint, "put": self.op_put, "commit": self.op_commit,
-            "abort": self.op_abort, "get": self.op_get, "release": self.op_release, "contains": self.op_contains,
+            "abort": self.op_abort, "spare": self.op_spare,
+            "get": self.op_get, "release": self.op_release, "contains": self.op_contains,
             "delete": self.op_delete, "stats": self.op_stats, "sessions": self.op_sessions,
             "blocks": self.op_blocks, "explain": self.op_explain, "pin": self.op_pin, "unpin": self.op_unpin,
             "evict": self.op_evict, "policy": self.op_policy, "policy_set": self.op_policy, "moves": self.op_moves,
@@ -283,6 +285,8 @@ class Server:
                 pass
         for lease in list(conn.leases):
             self.engine.release(lease)
+        for spare in list(conn.spares):
+            self.engine.spare_free(conn.spares, spare)
         try:
             self.sel.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -402,7 +406,8 @@ class Server:
             raise OSError(errno.EACCES, f"uid {conn.uid} may not bind to tenant {tenant}")
         conn.tenant = tenant
         reply, fds = self._arena_reply(conn)
-        reply.update(tenant=tenant, version=protocol.VERSION, min_block_bytes=self.cfg.min_block_bytes,
+        reply.update(tenant=tenant, version=protocol.VERSION, spare_slots=True,
+                     min_block_bytes=self.cfg.min_block_bytes,
                      max_block_bytes=self.cfg.max_block_bytes,
                      put_batch_bytes=max(1, min(self.engine.limit_bytes[:self.engine.mem_count]) // 2),
                      get_batch_blocks=max(1, min(self.engine.limit_bytes[:self.engine.mem_count]) // 2
@@ -434,15 +439,60 @@ class Server:
         self.engine.hint(self._tenant(conn), self._int(msg, "session"), state, bt)
         return {}, []
 
+    def _spare_budget(self) -> int:
+        return max(1, min(self.engine.limit_bytes[:self.engine.mem_count]) // 2)
+
+    def _spares(self, conn, msg, reply) -> None:
+        """A put or spare request's "drop" (spare ids the client gives back) and "want" (sizes of spare slots
+        for its next put): the reply's "spares" [[spare, arena, offset, nbytes]]."""
+        drop = msg.get("drop")
+        if drop is not None:
+            for sid in self._list(msg, "drop"):
+                if isinstance(sid, int) and sid in conn.spares:
+                    self.engine.spare_free(conn.spares, sid)
+        want = msg.get("want")
+        if want is not None:
+            reply["spares"] = self.engine.spare_reserve(conn.spares, self._list(msg, "want"), self._spare_budget())
+            reply["arena_count"] = len(self.engine.arena_table)
+
+    def op_spare(self, conn, msg):
+        self._tenant(conn)
+        reply = {}
+        self._spares(conn, msg, reply)
+        return reply, []
+
     def op_put(self, conn, msg):
         tenant = self._tenant(conn)
-        txn, slots = self.engine.put_reserve(tenant, self._int(msg, "session", True), self._list(msg, "blocks"),
+        blocks = self._list(msg, "blocks")
+        if msg.get("spared"):
+            # one round trip: the blocks are already in this connection's spare slots
+            self._spares(conn, {"drop": msg.get("drop")}, {})
+            try:
+                reply = {"txn": 0, "stored": self.engine.put_spare(tenant, self._int(msg, "session", True), blocks,
+                                                                   bool(msg.get("durable", False)), conn.spares)}
+            except BaseException:
+                # a refused put gives back the spares it named (the client forgets them): none leaks
+                for item in blocks:
+                    where = item[-1] if isinstance(item, list) and item else None
+                    sid = where[0] if isinstance(where, list) and where else None
+                    if isinstance(sid, int) and not isinstance(sid, bool) and sid in conn.spares:
+                        self.engine.spare_free(conn.spares, sid)
+                raise
+            self._spares(conn, {"want": msg.get("want")}, reply)
+            return reply, []
+        txn, slots = self.engine.put_reserve(tenant, self._int(msg, "session", True), blocks,
                                              bool(msg.get("durable", False)))
         if not any(slots):
             self.engine.put_commit(txn)   # everything deduplicated: nothing to write
-            return {"txn": 0, "slots": slots, "stored": 0}, []
-        conn.txns.add(txn)
-        return {"txn": txn, "slots": slots, "arena_count": len(self.engine.arena_table)}, []
+            reply = {"txn": 0, "slots": slots, "stored": 0}
+        else:
+            conn.txns.add(txn)
+            reply = {"txn": txn, "slots": slots, "arena_count": len(self.engine.arena_table)}
+        try:
+            self._spares(conn, msg, reply)
+        except OSError:
+            pass   # spares are an optimisation: the put itself stands
+        return reply, []
 
     def op_commit(self, conn, msg):
         txn = self._int(msg, "txn")
@@ -477,7 +527,11 @@ class Server:
         return {"tiers": self.engine.contains(self._tenant(conn), self._list(msg, "blocks"))}, []
 
     def op_delete(self, conn, msg):
-        return {"deleted": self.engine.delete(self._tenant(conn), self._list(msg, "blocks"))}, []
+        reply = {"deleted": self.engine.delete(self._tenant(conn), self._list(msg, "blocks"))}
+        if reply["deleted"] and conn.spares and msg.get("spare_pool"):
+            reply["spare_pool"] = self.engine.spare_refresh(conn.spares)   # the client replaces its spares
+            reply["arena_count"] = len(self.engine.arena_table)
+        return reply, []
 
     # admin and tenant-scoped views
     def _is_admin(self, conn) -> bool:

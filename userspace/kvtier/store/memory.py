@@ -287,6 +287,15 @@ class MemoryTier(Tier):
             self._stats["bytes_in"] += b.nbytes
             self._stats["stored_bytes_in"] += b.nbytes
 
+    def rename_reserved(self, old_key: bytes, new_key: bytes) -> None:
+        """Give a reserved (not yet committed) slot another key: the daemon hands clients spare slots
+        under placeholder keys and names them when the client says what it wrote there."""
+        old_key, new_key = check_key(old_key), check_key(new_key)
+        with self._lock:
+            if new_key in self._pending:
+                raise KeyError(new_key)
+            self._pending[new_key] = self._pending.pop(old_key)
+
     def abort(self, key: bytes) -> None:
         key = check_key(key)
         with self._lock:

@@ -1,0 +1,108 @@
+"""One-round-trip puts: the client copies into spare slots the daemon handed it and sends one put naming them."""
+from __future__ import annotations
+
+import errno
+import shutil
+
+import numpy as np
+import pytest
+
+from daemon_proc import Daemon, short_dir, write_config
+from kvtier.client import Client, DaemonError
+
+BLOCK = 16 << 10
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    d_dir = short_dir()
+    d = Daemon(d_dir, write_config(d_dir)).start(timeout_s=120)
+    try:
+        yield d
+        assert d.stop() == 0, d.log.read_text()[-2000:]
+    finally:
+        if d.alive():
+            d.kill9()
+        shutil.rmtree(d_dir, ignore_errors=True)
+
+
+def _rounds(kv):
+    """Count the requests a Client sends (each one with an id is a round trip unless pipelined)."""
+    sent = []
+    orig = kv._call
+
+    def call(op, **kw):
+        sent.append(op)
+        return orig(op, **kw)
+    kv._call = call
+    return sent
+
+
+def test_second_put_takes_one_round_trip(daemon):
+    rng = np.random.default_rng(1)
+    blocks = [rng.integers(0, 255, BLOCK, dtype=np.uint8) for _ in range(4)]
+    with Client(daemon.socket, "spare-a") as kv:
+        assert kv.put(None, [(1, "input", blocks[0])]) == 1   # reserve + commit, asks for a spare
+        sent = _rounds(kv)
+        for i in (1, 2, 3):
+            assert kv.put(None, [(1 + i, "input", blocks[i])]) == 1
+        assert sent == ["put", "put", "put"], sent          # one request per put
+        got = kv.get(None, [1, 2, 3, 4])
+        assert all(np.array_equal(g, b) for g, b in zip(got, blocks))
+        # dedup through a spare: the copy is discarded, the block stays as first stored
+        assert kv.put(None, [(2, "input", blocks[0])]) == 0
+        assert np.array_equal(kv.get(None, [2])[0], blocks[1])
+        # pipelined and durable puts through spares
+        assert kv.put(None, [(5, "input", blocks[0])], wait=False) == 0
+        assert kv.flush() == 1
+        assert kv.put(None, [(6, "input", blocks[2])], durable=True) == 1
+        assert np.array_equal(kv.get(None, [6])[0], blocks[2])
+        # a delete moves the held spares into the room it freed; puts go on through the moved spares
+        held = [sp[:3] for sps in kv._spares.values() for sp in sps]
+        assert held and kv.delete([6, 5]) == 2
+        assert kv._spares and [sp[:3] for sps in kv._spares.values() for sp in sps] != held
+        sent.clear()
+        assert kv.put(None, [(7, "input", blocks[3])]) == 1
+        assert sent == ["put"] and np.array_equal(kv.get(None, [7])[0], blocks[3])
+        assert all(np.array_equal(g, b) for g, b in zip(kv.get(None, [1, 2, 3, 4]), blocks))
+    with Client(daemon.socket, "spare-b") as other:     # tenant isolation holds for spare puts too
+        assert other.get(None, [1, 2, 3, 4]) == [None] * 4
+
+
+def test_forged_spare_slot_refused_and_daemon_keeps_serving(daemon):
+    data = np.full(BLOCK, 7, dtype=np.uint8)
+    with Client(daemon.socket, "spare-c") as kv, Client(daemon.socket, "spare-d") as thief:
+        kv.put(None, [(10, "input", data)])
+        [sp] = kv._spares[BLOCK]
+        forged = [[11, "input", BLOCK, None, None, [sp[0], sp[1], sp[2] + 4096]],    # offset outside the slot
+                  [11, "input", BLOCK, None, None, [sp[0], sp[1] + 99, sp[2]]],     # another arena
+                  [11, "input", BLOCK * 2, None, None, sp[:3]],                     # longer than the slot
+                  [11, "input", BLOCK, None, None, [10 ** 12, sp[1], sp[2]]],       # no such spare
+                  [11, "input", BLOCK, None, None, "x"], [11, "input"]]
+        for item in forged:
+            with pytest.raises(DaemonError) as e:
+                kv.call("put", blocks=[item], spared=True)
+            assert e.value.errno == errno.EINVAL, item
+        thief.put(None, [(20, "input", data)])   # another connection may not commit into kv's spare
+        with pytest.raises(DaemonError) as e:
+            thief.call("put", blocks=[[21, "input", BLOCK, None, None, sp[:3]]], spared=True)
+        assert e.value.errno == errno.EINVAL
+        assert kv.contains([11]) == [None] and thief.contains([21]) == [None]
+        # the refused put gave the spare back; the client starts afresh and puts still work
+        kv._spares.clear()
+        assert kv.put(None, [(12, "input", data)]) == 1
+        assert kv.put(None, [(13, "input", data)]) == 1
+        assert np.array_equal(kv.get(None, [13])[0], data)
+
+
+def test_spares_are_freed_when_the_connection_closes(daemon):
+    data = np.zeros(BLOCK, dtype=np.uint8)
+    with Client(daemon.socket, "spare-e") as kv:
+        before = kv.stats()
+    used0 = [t.get("used_bytes") for t in daemon.stats()["tiers"]]
+    with Client(daemon.socket, "spare-e") as kv:
+        for i in range(8):
+            kv.put(None, [(100 + i, "input", data)])
+        kv.delete([100 + i for i in range(8)])
+    assert before
+    assert [t.get("used_bytes") for t in daemon.stats()["tiers"]] == used0

@@ -183,6 +183,27 @@ static void kvtier_genl_notify(struct sk_buff *msg, void *hdr)
 	genlmsg_multicast(&kvtier_genl_family, msg, 0, KVTIER_MCGRP_EVENTS_IDX, GFP_KERNEL);
 }
 
+/*
+ * An "events" notification with its genl header, or NULL when nobody
+ * listens (the common case: skip building it) or memory is short.
+ */
+static struct sk_buff *kvtier_event_new(u8 cmd, void **hdr)
+{
+	struct sk_buff *msg;
+
+	if (!genl_has_listeners(&kvtier_genl_family, &init_net, KVTIER_MCGRP_EVENTS_IDX))
+		return NULL;
+	msg = genlmsg_new(NLMSG_GOODSIZE, GFP_KERNEL);
+	if (!msg)
+		return NULL;
+	*hdr = genlmsg_put(msg, 0, 0, &kvtier_genl_family, 0, cmd);
+	if (!*hdr) {
+		nlmsg_free(msg);
+		return NULL;
+	}
+	return msg;
+}
+
 /**
  * kvtier_genl_region_event() - announce a region's creation or destruction.
  * @cmd: KVTIER_CMD_REGION_NEW or KVTIER_CMD_REGION_DEL
@@ -193,13 +214,10 @@ void kvtier_genl_region_event(u8 cmd, const struct kvtier_region *r)
 	struct sk_buff *msg;
 	void *hdr;
 
-	if (!genl_has_listeners(&kvtier_genl_family, &init_net, KVTIER_MCGRP_EVENTS_IDX))
-		return;
-	msg = genlmsg_new(NLMSG_GOODSIZE, GFP_KERNEL);
+	msg = kvtier_event_new(cmd, &hdr);
 	if (!msg)
 		return;
-	hdr = genlmsg_put(msg, 0, 0, &kvtier_genl_family, 0, cmd);
-	if (!hdr || kvtier_fill_region(msg, r, false)) {
+	if (kvtier_fill_region(msg, r, false)) {
 		nlmsg_free(msg);
 		return;
 	}
@@ -220,14 +238,10 @@ void kvtier_genl_migrated(const struct kvtier_region *r, u32 first, u32 nr, int 
 	struct sk_buff *msg;
 	void *hdr;
 
-	if (!genl_has_listeners(&kvtier_genl_family, &init_net, KVTIER_MCGRP_EVENTS_IDX))
-		return;
-	msg = genlmsg_new(NLMSG_GOODSIZE, GFP_KERNEL);
+	msg = kvtier_event_new(KVTIER_CMD_MIGRATED, &hdr);
 	if (!msg)
 		return;
-	hdr = genlmsg_put(msg, 0, 0, &kvtier_genl_family, 0, KVTIER_CMD_MIGRATED);
-	if (!hdr ||
-	    kvtier_put_u64(msg, KVTIER_A_REGION_ID, r->id) ||
+	if (kvtier_put_u64(msg, KVTIER_A_REGION_ID, r->id) ||
 	    kvtier_put_u64(msg, KVTIER_A_SESSION_ID, r->tags.session_id) ||
 	    nla_put_u32(msg, KVTIER_A_FIRST_BLOCK, first) ||
 	    nla_put_u32(msg, KVTIER_A_NR_BLOCKS, nr) ||

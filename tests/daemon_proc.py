@@ -1,7 +1,9 @@
 """Real kvtierd processes for tests: write a config, start the daemon, wait for its socket, stop it."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +47,19 @@ directory = "{d}/state/nvme"
 capacity = "{nvme}"
 """)
     return cfg
+
+
+@contextlib.contextmanager
+def running_daemon(d_dir: Path, cfg: Path, timeout_s: float = 120):
+    """A started daemon; on exit it must stop cleanly (exit 0), is killed if the body failed, and d_dir goes."""
+    d = Daemon(d_dir, cfg).start(timeout_s=timeout_s)
+    try:
+        yield d
+        assert d.stop() == 0, d.log.read_text()[-2000:]
+    finally:
+        if d.alive():
+            d.kill9()
+        shutil.rmtree(d_dir, ignore_errors=True)
 
 
 def short_dir() -> Path:

@@ -14,7 +14,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from daemon_proc import KVTIERD, Daemon, block_bytes, short_dir, wait_for, write_config
+from daemon_proc import KVTIERD, Daemon, block_bytes, running_daemon, short_dir, wait_for, write_config
 from kvtier.client import Client, DaemonError, admin_call
 
 BLOCK = 16 << 10
@@ -48,18 +48,12 @@ def core_daemon(request):
         cfg = write_config(d_dir, backend="kmod", cxl_node=1)
     else:
         cfg = write_config(d_dir)
-    d = Daemon(d_dir, cfg).start(timeout_s=120)
-    try:
+    with running_daemon(d_dir, cfg) as d:
         if request.param == "kmod":
             assert [t["backend"] for t in d.stats()["tiers"][:2]] == ["kmod", "kmod"]
             with Client(d.socket, "probe") as kv:   # clients map module regions the daemon granted them
                 assert kv.hello["arenas"] and all(a["kind"] == "kvtier" for a in kv.hello["arenas"])
         yield d
-        assert d.stop() == 0, d.log.read_text()[-2000:]
-    finally:
-        if d.alive():
-            d.kill9()
-        shutil.rmtree(d_dir, ignore_errors=True)
 
 
 def test_round_trip_through_every_tier(core_daemon):

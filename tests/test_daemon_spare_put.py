@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import errno
-import shutil
 
 import numpy as np
 import pytest
 
-from daemon_proc import Daemon, short_dir, write_config
+from daemon_proc import running_daemon, short_dir, write_config
 from kvtier.client import Client, DaemonError
 
 BLOCK = 16 << 10
@@ -16,14 +15,8 @@ BLOCK = 16 << 10
 @pytest.fixture(scope="module")
 def daemon():
     d_dir = short_dir()
-    d = Daemon(d_dir, write_config(d_dir)).start(timeout_s=120)
-    try:
+    with running_daemon(d_dir, write_config(d_dir)) as d:
         yield d
-        assert d.stop() == 0, d.log.read_text()[-2000:]
-    finally:
-        if d.alive():
-            d.kill9()
-        shutil.rmtree(d_dir, ignore_errors=True)
 
 
 def _rounds(kv):

@@ -16,6 +16,7 @@ use one Client per thread. The wire protocol is documented in kvtier.daemon.prot
 from __future__ import annotations
 
 import errno
+from collections import Counter
 import mmap
 import os
 import socket
@@ -267,76 +268,19 @@ class Client:
         return stored + self._put(session, items, views, durable, wait) if items else stored
 
     def _put(self, session, items, views, durable, wait=True) -> int:
+        fields = {"session": session, "blocks": items, "durable": durable}
         if self.hello.get("spare_slots", False):
-            return self._put_spared(session, items, views, durable, wait)
-        reply = self._call("put", session=session, blocks=items, durable=durable)
-        if not reply.get("txn"):
-            return 0
-        try:
-            for slot, mv in zip(reply["slots"], views):
-                if slot is not None:
-                    self._view(slot[0], slot[1], slot[2])[:] = mv
-        except BaseException:
-            self._call("abort", txn=reply["txn"])
-            raise
-        if not wait:
-            self._id += 1
-            protocol.send(self.sock, {"op": "commit", "id": self._id, "txn": reply["txn"]})
-            self._unacked += 1
-            return 0
-        return self._call("commit", txn=reply["txn"])["stored"]
+            return self._put_spared(fields, items, views, wait)
+        return self._reserve_copy_commit(fields, views, wait)
 
-    def _want(self, items, per_block: int = 1) -> tuple[list, list]:
-        """Spare sizes to ask for (per_block per block of this put, less what is still held) and spares to give
-        back (sizes this put did not use: the engine's next put is likely shaped like this one)."""
-        need: dict[int, int] = {}
-        for it in items:
-            need[it[2]] = need.get(it[2], 0) + 1
-        drop = []
-        for n in list(self._spares):
-            if n not in need:
-                drop += [sp[0] for sp in self._spares.pop(n)]
-        want = []
-        for n, k in need.items():
-            want += [n] * max(0, k * per_block - len(self._spares.get(n, ())))
-        return want, drop
+    def _send_nowait(self, op: str, **fields) -> None:
+        """Send without reading the reply: pipelined puts; _collect_commits() reads the replies later."""
+        self._id += 1
+        protocol.send(self.sock, {**fields, "op": op, "id": self._id})
+        self._unacked += 1
 
-    def _put_spared(self, session, items, views, durable, wait) -> int:
-        """One round trip when spare slots of the right sizes are held: copy into them, send one put naming
-        them; its reply hands out spares for the next put. Else reserve + commit, asking for spares."""
-        pool = self._spares
-        need: dict[int, int] = {}
-        for it in items:
-            need[it[2]] = need.get(it[2], 0) + 1
-        if self._unacked and not all(len(pool.get(n, ())) >= k for n, k in need.items()):
-            self._collect_commits()   # the spares of pipelined puts come with their replies
-        if all(len(pool.get(n, ())) >= k for n, k in need.items()):
-            used = []
-            try:
-                for it, mv in zip(items, views):
-                    sp = pool[it[2]].pop()
-                    used.append(sp)
-                    self._view(sp[1], sp[2], sp[3])[:] = mv
-                    it[:] = [it[0], it[1], it[2], it[3], it[4] if len(it) == 5 else None, sp[:3]]
-            except BaseException:
-                for sp in used:
-                    pool[sp[3]].append(sp)
-                raise
-            # pipelined (wait=False): this reply is read after the next put is sent, so hold two sets of spares
-            want, drop = self._want(items, 1 if wait else 2)
-            fields = {"session": session, "blocks": items, "durable": durable, "spared": True, "want": want}
-            if drop:
-                fields["drop"] = drop
-            if not wait:
-                self._id += 1
-                protocol.send(self.sock, {**fields, "op": "put", "id": self._id})
-                self._unacked += 1
-                return 0
-            return self._call("put", **fields)["stored"]   # a refused put: the daemon frees the spares it named
-        want, drop = self._want(items, 1 if wait else 2)
-        fields = {"session": session, "blocks": items, "durable": durable, "want": want}
-        if drop:
-            fields["drop"] = drop
+    def _reserve_copy_commit(self, fields, views, wait) -> int:
+        """Two round trips: the daemon reserves slots, the client copies into them, then commits."""
         reply = self._call("put", **fields)
         if not reply.get("txn"):
             return 0
@@ -348,11 +292,54 @@ class Client:
             self._call("abort", txn=reply["txn"])
             raise
         if not wait:
-            self._id += 1
-            protocol.send(self.sock, {"op": "commit", "id": self._id, "txn": reply["txn"]})
-            self._unacked += 1
+            self._send_nowait("commit", txn=reply["txn"])
             return 0
         return self._call("commit", txn=reply["txn"])["stored"]
+
+    def _want(self, need: Counter, per_block: int = 1) -> tuple[list, list]:
+        """Spare sizes to ask for (per_block per block of this put, less what is still held) and spares to give
+        back (sizes this put did not use: the engine's next put is likely shaped like this one)."""
+        drop = []
+        for n in list(self._spares):
+            if n not in need:
+                drop += [sp[0] for sp in self._spares.pop(n)]
+        want = []
+        for n, k in need.items():
+            want += [n] * max(0, k * per_block - len(self._spares.get(n, ())))
+        return want, drop
+
+    def _put_spared(self, fields, items, views, wait) -> int:
+        """One round trip when spare slots of the right sizes are held: copy into them, send one put naming
+        them; its reply hands out spares for the next put. Else reserve + commit, asking for spares."""
+        pool = self._spares
+        need = Counter(it[2] for it in items)
+        if self._unacked and not all(len(pool.get(n, ())) >= k for n, k in need.items()):
+            self._collect_commits()   # the spares of pipelined puts come with their replies
+        spared = all(len(pool.get(n, ())) >= k for n, k in need.items())
+        if spared:
+            used = []
+            try:
+                for it, mv in zip(items, views):
+                    sp = pool[it[2]].pop()
+                    used.append(sp)
+                    self._view(sp[1], sp[2], sp[3])[:] = mv
+                    it[:] = [it[0], it[1], it[2], it[3], it[4] if len(it) == 5 else None, sp[:3]]
+            except BaseException:
+                for sp in used:
+                    pool[sp[3]].append(sp)
+                raise
+        # pipelined (wait=False): this reply is read after the next put is sent, so hold two sets of spares
+        want, drop = self._want(need, 1 if wait else 2)
+        fields = {**fields, "want": want}
+        if drop:
+            fields["drop"] = drop
+        if not spared:
+            return self._reserve_copy_commit(fields, views, wait)
+        fields["spared"] = True
+        if not wait:
+            self._send_nowait("put", **fields)
+            return 0
+        return self._call("put", **fields)["stored"]   # a refused put: the daemon frees the spares it named
 
     def get(self, session: int | None, hashes, out=None):
         """Blocks by prefix hash: a numpy array per hit (dtype/shape as put; uint8 for bytes), None per miss.

@@ -15,6 +15,9 @@ setup(
     package_dir={"": "userspace", "kvtier.cuda": "cuda"},
     packages=find_packages("userspace") + ["kvtier.cuda"],
     package_data={"kvtier": ["data/*", "data/models/*.json"]},
+    # the eBPF probes (kvtier.probes finds them in share/kvtier/bpf) and their stand-alone tool
+    data_files=[("share/kvtier/bpf", ["bpf/kvheat.bpf.c", "bpf/kvheat.h"]), ("share/man/man8", ["bpf/kvheat.8"])],
+    scripts=["bpf/kvheat.py"],
     setup_requires=["cffi>=1.15"],
     cffi_modules=["userspace/kvtier/_native_build.py:ffibuilder"],
     install_requires=["cffi>=1.15", "click>=8.1", "numpy>=1.24", "pyroute2>=0.9",
@@ -24,6 +27,9 @@ setup(
         "gpu": ["cuda-bindings>=12"],
         "test": ["pytest>=7"],
         "plot": ["matplotlib>=3.7"],  # kvctl replay --plot
+        # the cluster tier's Mooncake Store client, master, storage node and metadata server (CPU build)
+        "cluster": ["mooncake-transfer-engine-non-cuda>=0.3.13"],
+        "bench": ["redis>=5"],  # tools/bench_cluster.py's Redis baseline
     },
     entry_points={
         "console_scripts": [

@@ -9,6 +9,8 @@ on machines with or without it.
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import asdict, dataclass, field
 
 _NAME_LEN = 256
@@ -93,7 +95,11 @@ def _probe(driver, index: int) -> Gpu:
 
 
 def discover_gpus(driver=None) -> GpuReport:
-    """The GPUs the CUDA driver sees, or why there are none. `driver` replaces cuda.bindings.driver (tests)."""
+    """The GPUs the CUDA driver sees, or why there are none. `driver` replaces cuda.bindings.driver (tests);
+    KVTIER_CUDA_STANDIN=1 (test-only) answers for the stand-in GPU of kvtier.cuda.standin instead."""
+    if driver is None and os.environ.get("KVTIER_CUDA_STANDIN", "") not in ("", "0"):
+        from kvtier.cuda import standin
+        driver = standin.instance().driver
     if driver is None:
         try:
             driver = _import_driver()

@@ -134,8 +134,9 @@ static long kvtier_ioctl_api(void __user *uarg)
 		.api_version = KVTIER_API_VERSION,
 		.page_size = PAGE_SIZE,
 		.features = KVTIER_FEATURE_MIGRATE | KVTIER_FEATURE_SHARE |
-			    KVTIER_FEATURE_GRANT | KVTIER_FEATURE_MOVABLE_NODES,
-		.ioctls = GENMASK_ULL(_IOC_NR(KVTIER_IOC_STATS), 0),
+			    KVTIER_FEATURE_GRANT | KVTIER_FEATURE_MOVABLE_NODES |
+			    KVTIER_FEATURE_ACCESS_RESET,
+		.ioctls = GENMASK_ULL(_IOC_NR(KVTIER_IOC_ACCESS_RESET), 0),
 		.max_region_bytes = kvtier_max_region_bytes,
 		.max_total_bytes = kvtier_max_total_bytes,
 		.max_nodes = KVTIER_MAX_NODES,
@@ -316,6 +317,22 @@ static long kvtier_ioctl_unshare(void __user *uarg)
 	return err;
 }
 
+static long kvtier_ioctl_access_reset(void __user *uarg)
+{
+	struct kvtier_region *r;
+	struct kvtier_range req;
+	int err;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	r = kvtier_region_get_checked(req.region_id, &err);
+	if (!r)
+		return err;
+	err = kvtier_access_reset(r, &req);
+	kvtier_region_put(r);
+	return err;
+}
+
 static long kvtier_ioctl_block_query(void __user *uarg)
 {
 	struct kvtier_block_state *states = NULL;
@@ -406,6 +423,8 @@ static long kvtier_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 		return kvtier_ioctl_grant(uarg);
 	case KVTIER_IOC_STATS:
 		return kvtier_ioctl_stats(uarg);
+	case KVTIER_IOC_ACCESS_RESET:
+		return kvtier_ioctl_access_reset(uarg);
 	default:
 		return -ENOTTY;
 	}

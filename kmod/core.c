@@ -18,6 +18,7 @@
 #include <linux/cred.h>
 #include <linux/gfp.h>
 #include <linux/highmem.h>
+#include <linux/ktime.h>
 #include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/nodemask.h>
@@ -585,12 +586,15 @@ int kvtier_migrate(struct kvtier_region *r, struct kvtier_migrate *req)
 		struct kvtier_chunk *c = blk->chunk;
 		u64 chunk_bytes = 0;
 
+		int from = c->node;
 		bool has_pages;
+		u64 start;
 
 		if (kvtier_chunk_in_place(c, req->node, populate))
 			continue;
 		/* An empty block just changes where its first pages will go. */
 		has_pages = c->populated || populate;
+		start = ktime_get_ns();
 		err = kvtier_chunk_migrate(c, req->node, populate, fresh, &used, &chunk_bytes);
 		if (err)
 			break;
@@ -599,7 +603,8 @@ int kvtier_migrate(struct kvtier_region *r, struct kvtier_migrate *req)
 		blk->migrations++;
 		moved++;
 		bytes += chunk_bytes;
-		trace_kvtier_migrate(r->id, r->tags.session_id, b, req->node, chunk_bytes);
+		trace_kvtier_migrate(r->id, r->tags.session_id, b, req->node, chunk_bytes, from,
+				     ktime_get_ns() - start);
 	}
 	r->migrations += moved;
 	r->migrated_bytes += bytes;
@@ -657,6 +662,34 @@ int kvtier_share(struct kvtier_region *dst, struct kvtier_region *src,
 	mutex_unlock(&kvtier_lock);
 	trace_kvtier_share(dst->id, src->id, dst->tags.session_id, req->dst_first_block,
 			   req->src_first_block, nr);
+	return 0;
+}
+
+/**
+ * kvtier_access_reset() - unmap blocks everywhere, keeping their pages (KVTIER_IOC_ACCESS_RESET).
+ * @r: region
+ * @req: blocks [first_block, first_block + nr_blocks)
+ *
+ * Access sampling, as DAMON does it: the next touch of each page re-faults (a
+ * minor fault, no allocation) and so fires the kvtier_fault tracepoint again,
+ * which lets probes count repeated accesses rather than first touches only.
+ *
+ * Return: 0 or -EINVAL.
+ */
+int kvtier_access_reset(struct kvtier_region *r, const struct kvtier_range *req)
+{
+	u32 b;
+
+	if (!kvtier_range_ok(r, req->first_block, req->nr_blocks))
+		return -EINVAL;
+	mutex_lock(&kvtier_lock);
+	for (b = req->first_block; b < req->first_block + req->nr_blocks; b++) {
+		const struct kvtier_block *blk = &r->blocks[b];
+
+		if (blk->chunk->populated)
+			kvtier_zap_block_locked(blk, blk->chunk);
+	}
+	mutex_unlock(&kvtier_lock);
 	return 0;
 }
 

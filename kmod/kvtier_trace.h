@@ -77,15 +77,22 @@ TRACE_EVENT(kvtier_fault,
 		  __entry->page, __entry->node, __entry->write)
 );
 
+/*
+ * One block moved: from_node and duration_ns (copy, zap and page locking, measured
+ * around the block's move) let probes keep latency histograms per node pair.
+ */
 TRACE_EVENT(kvtier_migrate,
-	TP_PROTO(u32 region_id, u64 session_id, u32 block, int node, u64 bytes),
-	TP_ARGS(region_id, session_id, block, node, bytes),
+	TP_PROTO(u32 region_id, u64 session_id, u32 block, int node, u64 bytes,
+		 int from_node, u64 duration_ns),
+	TP_ARGS(region_id, session_id, block, node, bytes, from_node, duration_ns),
 	TP_STRUCT__entry(
 		__field(u32, region_id)
 		__field(u64, session_id)
 		__field(u32, block)
 		__field(int, node)
 		__field(u64, bytes)
+		__field(int, from_node)
+		__field(u64, duration_ns)
 	),
 	TP_fast_assign(
 		__entry->region_id = region_id;
@@ -93,10 +100,12 @@ TRACE_EVENT(kvtier_migrate,
 		__entry->block = block;
 		__entry->node = node;
 		__entry->bytes = bytes;
+		__entry->from_node = from_node;
+		__entry->duration_ns = duration_ns;
 	),
-	TP_printk("region=%u session=%llu block=%u to_node=%d bytes=%llu",
+	TP_printk("region=%u session=%llu block=%u to_node=%d bytes=%llu from_node=%d duration_ns=%llu",
 		  __entry->region_id, __entry->session_id, __entry->block,
-		  __entry->node, __entry->bytes)
+		  __entry->node, __entry->bytes, __entry->from_node, __entry->duration_ns)
 );
 
 TRACE_EVENT(kvtier_share,

@@ -321,7 +321,14 @@ def test_durable_put_survives_sigterm_and_restart(daemon_dir):
         d.start()
         with Client(d.socket, "acme") as kv:
             assert [g.tobytes() for g in kv.get(None, range(5))] == [block_bytes(i, 4096) for i in range(5)]
-            assert kv.get(None, [100]) == [None]   # memory tiers are a cache: not persisted
+            # memory only, but a graceful stop flushed it (shutdown_flush_s)
+            assert kv.get(None, [100])[0].tobytes() == block_bytes(100, 4096)
+            kv.put(None, [(101, "input", block_bytes(101, 4096))])   # memory only
+        d.kill9()
+        d.start()
+        with Client(d.socket, "acme") as kv:
+            assert [g.tobytes() for g in kv.get(None, range(5))] == [block_bytes(i, 4096) for i in range(5)]
+            assert kv.get(None, [101]) == [None]   # memory tiers are a cache: a crash loses what is only there
     finally:
         d.stop()
 

@@ -398,6 +398,16 @@ class Client:
     def stats(self) -> dict:
         return self._call("stats")
 
+    def register_range(self, address: int, length: int, block_bytes: int, hashes=None) -> int:
+        """KV kept in this process's own (anonymous) memory: the daemon's eBPF probes count faults and NUMA
+        hinting faults in [address, address + length) as access heat of the block whose prefix hash is
+        hashes[i] for the i-th block_bytes of it. Returns the range id (unregister_range)."""
+        return self._call("register_range", address=address, length=length, block_bytes=block_bytes,
+                          blocks=None if hashes is None else list(hashes))["range"]
+
+    def unregister_range(self, range_id: int) -> None:
+        self._call("unregister_range", range=range_id)
+
     def call(self, op: str, **fields) -> dict:
         """Any op of the protocol (kvctl's admin ops use this)."""
         return self._call(op, **fields)

@@ -311,6 +311,17 @@ class Device:
         c.nr_blocks = nr_blocks
         self._ioctl(lib.KVTIER_IOC_UNSHARE, c)
 
+    def access_reset(self, region_id: int, first_block: int = 0, nr_blocks: int | None = None) -> None:
+        """Unmap blocks from every process, keeping their pages, so the next touch of each page faults
+        again and fires the kvtier_fault tracepoint (access sampling for the eBPF heat probes)."""
+        if nr_blocks is None:
+            nr_blocks = self.info(region_id)["nr_blocks"] - first_block
+        c = ffi.new("struct kvtier_range *")
+        c.region_id = region_id
+        c.first_block = first_block
+        c.nr_blocks = nr_blocks
+        self._ioctl(lib.KVTIER_IOC_ACCESS_RESET, c)
+
     def query(self, region_id: int, first_block: int = 0, nr_blocks: int | None = None) -> list[BlockState]:
         """Per-block state (node, flags, type, priority, faults, migrations); all blocks by default."""
         if nr_blocks is None:

@@ -29,6 +29,7 @@ COMMANDS = {
     "unpin": ("kvtier.cli.pin", "unpin", "Unpin a block or a session's blocks."),
     "evict": ("kvtier.cli.evict", "evict", "Demote one block a tier down now."),
     "policy": ("kvtier.cli.policy", "policy", "Show or set kvtierd's placement policy."),
+    "top": ("kvtier.cli.top", "top", "Live view: tiers, hottest sessions/blocks, migration rates and latency."),
 }
 
 

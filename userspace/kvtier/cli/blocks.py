@@ -13,12 +13,13 @@ from kvtier.cli.status import call, emit, json_option, socket_option
 
 
 def render(r: dict) -> str:
-    rows = [["BLOCK", "TENANT", "TYPE", "SIZE", "TIER", "SESSIONS", "PINNED", "DURABLE", "HITS"]]
+    rows = [["BLOCK", "TENANT", "TYPE", "SIZE", "TIER", "SESSIONS", "PINNED", "DURABLE", "HITS", "HEAT"]]
     for b in r["blocks"]:
         rows.append([b["block"], b["tenant"] or "?", b["block_type"] or "?", human_bytes(b["nbytes"]), b["tier"],
-                     str(b["sessions"]), "yes" if b["pinned"] else "", "yes" if b["durable"] else "", str(b["hits"])])
+                     str(b["sessions"]), "yes" if b["pinned"] else "", "yes" if b["durable"] else "", str(b["hits"]),
+                     f"{b.get('heat', 0.0):.1f}"])   # heat: decayed direct touches (eBPF probes)
     more = r["total"] - len(r["blocks"])
-    return table(rows, right={3, 5, 8}) + (f"\n... {more} more (--limit)" if more > 0 else "")
+    return table(rows, right={3, 5, 8, 9}) + (f"\n... {more} more (--limit)" if more > 0 else "")
 
 
 @click.command("blocks", epilog="\b\n" + __doc__[__doc__.index("Examples:"):])
@@ -29,5 +30,5 @@ def render(r: dict) -> str:
 @socket_option
 @json_option
 def blocks(session, tier, limit, socket_path, as_json):
-    """Blocks: key, tenant, type, size, tier, sessions referencing it, pinned, durable, hits."""
+    """Blocks: key, tenant, type, size, tier, sessions referencing it, pinned, durable, hits, heat."""
     emit(as_json, call(socket_path, "blocks", session=session, tier=tier, limit=limit), render)

@@ -76,9 +76,34 @@ def render(st: dict) -> str:
              f"{c['promotions']}, prefetches {c['prefetches']}, dropped {c['drops']}, moved "
              f"{human_bytes(c['bytes_moved'])}",
              f"kvtier.ko: {'loaded' if st['module']['loaded'] else 'not loaded'}; probes: "
-             f"{'loaded' if st['probes']['loaded'] else 'not loaded'}; metrics: "
+             f"{probes_line(st['probes'])}; metrics: "
              f"{'port ' + str(st['metrics_port']) if st['metrics_port'] else 'off'}"]
+    for t in st["tiers"]:   # GPU tiers: prefetches each way and moves still in flight
+        g = t.get("gpu")
+        if g:
+            lines.append(f"{t['name']}: GPU {g['device']}, prefetched to GPU {g['to_device']} "
+                         f"({human_bytes(g['to_device_bytes'])}), to host {g['to_host']} "
+                         f"({human_bytes(g['to_host_bytes'])}), {g['moves_in_flight']} in flight, "
+                         f"{g['shared_blocks']} read-mostly, {g.get('staged_gets', 0)} gets staged to host")
+    lines += [f"{t['name']} ({t['kind']}): absent ({t['reason']})" for t in st.get("absent_tiers", [])]
+    cl = st.get("cluster")
+    if cl:   # the Mooncake cluster tier: health, what it measured, what it did
+        h, c = cl["health"], cl["counters"]
+        bw = cl["bandwidth_bytes_per_s"]
+        lines.append(f"cluster {cl['name']} ({cl['local_hostname']} -> master {cl['master']}): {h['state']}"
+                     f"{': ' + h['reason'] if h['reason'] else ''}; published {c['publishes']} "
+                     f"({c['publish_failures']} failed), fetched {c['fetches']}, checksum failures "
+                     f"{c['checksum_failures']}, skipped for recompute {c['fetch_skipped_recompute']}, "
+                     f"bandwidth {human_bytes(bw) + '/s' if bw else 'unmeasured'}")
     return "\n".join(lines)
+
+
+def probes_line(p: dict) -> str:
+    """eBPF probes: on (with the heat they saw), or why the daemon runs on API signals alone."""
+    if p.get("loaded"):
+        return (f"on ({p.get('touches', 0)} direct touches over {p.get('samples', 0)} samples"
+                + (f"; {p['note']}" if p.get("note") else "") + ")")
+    return f"{p.get('state', 'off')} ({p.get('note') or 'not loaded'}; API signals only)"
 
 
 def render_tenant(st: dict) -> str:

@@ -5,6 +5,7 @@ Examples:
   kvctl tiers --json
   kvctl tiers --nvme-dir /var/lib/kvtier/cold --nvme-dir /mnt/nvme1/kv
   KVTIER_NVME_DIRS=/var/lib/kvtier/cold kvctl tiers
+  kvctl tiers --socket /run/kvtier/kvtierd.sock    # also the running daemon's tiers, cluster tier health
 """
 from __future__ import annotations
 
@@ -81,16 +82,36 @@ def render(result: discovery.Survey) -> str:
     return "\n".join(out)
 
 
+def render_daemon(d: dict) -> str:
+    """The running daemon's tiers (local ones and the cluster tier) with each one's health."""
+    rows = [["TIER", "KIND", "USED", "CAPACITY", "BLOCKS", "BACKEND", "HEALTH"]]
+    for t in d["tiers"]:
+        h = t.get("health") or {"state": "ok", "reason": ""}
+        rows.append([t["name"], t["kind"], human_bytes(t["used_bytes"]), human_bytes(t["capacity_bytes"]),
+                     str(t["blocks"]), t["backend"], h["state"] + (f": {h['reason']}" if h["reason"] else "")])
+    return "\n".join(["", "kvtierd:", table(rows, right={2, 3, 4})])
+
+
 @click.command("tiers")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tiers, nodes, gpu.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tiers, nodes, gpu (and daemon).")
+@click.option("--socket", "socket_path", default=None, metavar="PATH",
+              help="Also show this running kvtierd's tiers, the cluster tier with its health.")
 @nvme_dirs_option
-def tiers(as_json: bool, nvme_dirs: tuple[str, ...]) -> None:
+def tiers(as_json: bool, socket_path: str | None, nvme_dirs: tuple[str, ...]) -> None:
     """List the memory and storage tiers of this machine, fastest first.
 
     GPUs (hbm) rank first, then the kernel's memory tiers (dram, then cxl), then NVMe directories.
     """
     result = discovery.survey(nvme_dirs=list(nvme_dirs))
+    daemon = None
+    if socket_path is not None:
+        from kvtier.cli.status import call
+        st = call(socket_path, "stats")
+        daemon = {"tiers": st["tiers"], "cluster": st.get("cluster")}
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        out = result.to_dict()
+        if daemon is not None:
+            out["daemon"] = daemon
+        click.echo(json.dumps(out, indent=2))
     else:
-        click.echo(render(result))
+        click.echo(render(result) + (render_daemon(daemon) if daemon is not None else ""))

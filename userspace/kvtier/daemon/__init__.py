@@ -34,7 +34,7 @@ Examples:
               show_default=True)
 @click.option("--check", is_flag=True, help="Validate the config, print it as JSON and exit.")
 def kvtierd(config_path, socket_path, state_dir, metrics, log_level, check):
-    """Serve KV blocks across DRAM, CXL and NVMe tiers to inference engines over a Unix socket."""
+    """Serve KV blocks across GPU, DRAM, CXL and NVMe tiers to inference engines over a Unix socket."""
     import dataclasses
     import json
     import os

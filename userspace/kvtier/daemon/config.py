@@ -7,6 +7,8 @@
     policy = "kvtier"                     # any name of kvtier.policy.registry
     metrics = "127.0.0.1:9477"            # Prometheus endpoint; "" turns it off
     busy_poll_us = 500                    # keep polling this long after a request (0: sleep at once)
+    shutdown_flush_s = 20                 # on SIGTERM, copy memory-only blocks to NVMe for up to this long,
+                                          # so a restart serves them (0: off; keep under TimeoutStopSec)
 
     [blocks]
     min_bytes = 1
@@ -15,7 +17,8 @@
 
     [[tiers]]                             # fastest first; memory tiers, then at most one nvme tier
     name = "dram0"
-    kind = "dram"                         # dram | cxl | nvme
+    kind = "dram"                         # gpu | dram | cxl | nvme (gpu: first, keys device, capacity ("N%" of
+                                          # the GPU's free memory), optional; see kvtier.cuda.config)
     nodes = [0]
     capacity = "8GiB"                     # bytes, or "N KiB/MiB/GiB/TiB", or "25%" of free memory / disk
     backend = "auto"                      # auto | memfd | kmod
@@ -33,9 +36,19 @@
     salt = "acme-2026"
     uids = [1000]
 
+    [cluster]                             # optional: the Mooncake Store tier below (kvtier.store.cluster)
+    master = "10.0.0.1:50051"
+    metadata_server = "http://10.0.0.1:8080/metadata"
+    local_hostname = "10.0.0.11"          # + protocol, segment, buffer, timeout_ms, probe_interval_ms, namespace,
+                                          #   publish, fetch, recompute_bytes_per_s (README: The cluster tier)
+
     [admins]                              # optional: who gets the all-tenant view and pin/evict/policy set
     uids = [1001]                         # (root and the daemon's own uid always do)
     groups = ["kvadmin"]
+
+    [probes]                              # optional: eBPF access heat (kvtier.daemon.heat)
+    enabled = "auto"                      # auto | true | false
+    interval_ms = 1000                    # + half_life_ms, sample
 """
 from __future__ import annotations
 
@@ -58,7 +71,8 @@ DEFAULT_NVME_FRACTION = 0.5    # of the state directory's free disk
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
 _TOP_KEYS = {"socket", "group", "socket_mode", "state_dir", "policy", "metrics", "blocks", "tiers", "tenants",
-             "busy_poll_us", "admins"}
+             "shutdown_flush_s",
+             "busy_poll_us", "admins", "cluster", "probes"}
 
 
 @dataclass
@@ -72,6 +86,8 @@ class TierConfig:
     codec: dict | None = None
     fsync: bool = True
     prefault: bool = False   # memory tiers: fault the whole arena in at start (first puts pay no page faults)
+    device: int = 0          # gpu tiers: the CUDA device (kvtier.cuda.config)
+    optional: bool = False   # gpu tiers: without the GPU, start without the tier instead of failing
 
 
 @dataclass
@@ -98,8 +114,12 @@ class Config:
     tenants: dict[str, TenantConfig]
     source: str = "(embedded default)"
     busy_poll_us: int = 500
+    shutdown_flush_s: float = 20.0   # SIGTERM: copy memory-only blocks to NVMe for this long (0: off)
     admin_uids: tuple = ()   # besides root and the daemon's uid (tuples: --check prints them as JSON lists)
     admin_gids: tuple = ()
+    cluster: object = None   # kvtier.store.cluster.ClusterConfig when [cluster] is configured
+    probes: object = None    # kvtier.daemon.heat.ProbesConfig ([probes]: eBPF access heat)
+    absent_tiers: list = field(default_factory=list)   # optional gpu tiers left out: {name, kind, device, reason}
 
     def tenant(self, name: str) -> TenantConfig:
         # An unconfigured tenant gets its name as salt: tenants never share blocks unless configured to.
@@ -227,6 +247,9 @@ def from_dict(d: dict, source: str) -> Config:
 
     mhost, mport = parse_metrics(d.get("metrics", "127.0.0.1:9477"), f"{w}metrics")
 
+    flush_s = d.get("shutdown_flush_s", 20.0)
+    if isinstance(flush_s, bool) or not isinstance(flush_s, (int, float)) or not 0 <= flush_s <= 3600:
+        raise InputError(f"{w}shutdown_flush_s: expected 0..3600 seconds, got {flush_s!r}")
     busy = d.get("busy_poll_us", 500)
     if not 0 <= busy <= 100_000:
         raise InputError(f"{w}busy_poll_us: expected 0..100000 microseconds, got {busy!r}")
@@ -240,7 +263,8 @@ def from_dict(d: dict, source: str) -> Config:
     if min_b > max_b:
         raise InputError(f"{w}blocks.min_bytes: {min_b} is larger than blocks.max_bytes {max_b}")
 
-    tiers = _tiers(d.get("tiers"), state_dir, w)
+    absent_tiers: list = []
+    tiers = _tiers(d.get("tiers"), state_dir, w, absent_tiers)
     tenants = {}
     for name, t in d.get("tenants", {}).items():
         where = f"{w}tenants.{name}."
@@ -257,10 +281,17 @@ def from_dict(d: dict, source: str) -> Config:
             raise InputError(f"{where}uids: expected a list of uids, got {uids!r}")
         tenants[name] = TenantConfig(name, salt.encode(), uids)
     admin_uids, admin_gids = _admins(d.get("admins", {}), w)
+    cluster = None
+    if "cluster" in d:   # the Mooncake cluster tier below the local tiers (kvtier.store.cluster)
+        from kvtier.store.cluster import parse_config
+        cluster = parse_config(d["cluster"], w)
+    from kvtier.daemon.heat import parse_config as parse_probes
+    probes = parse_probes(d.get("probes"), w)
     return Config(socket=socket, gid=gid, group=group, socket_mode=mode, state_dir=state_dir, policy=policy,
                   metrics_host=mhost, metrics_port=mport, min_block_bytes=min_b, max_block_bytes=max_b,
-                  nominal_block_bytes=nominal, tiers=tiers, tenants=tenants, source=source, busy_poll_us=busy,
-                  admin_uids=admin_uids, admin_gids=admin_gids)
+                  nominal_block_bytes=nominal, tiers=tiers, tenants=tenants, source=source, busy_poll_us=busy, shutdown_flush_s=float(flush_s),
+                  admin_uids=admin_uids, admin_gids=admin_gids, cluster=cluster, absent_tiers=absent_tiers,
+                  probes=probes)
 
 
 def _admins(a: dict, w: str) -> tuple[tuple, tuple]:
@@ -289,7 +320,7 @@ def _admins(a: dict, w: str) -> tuple[tuple, tuple]:
     return tuple(sorted(set(uids))), tuple(sorted(gids))
 
 
-def _tiers(spec, state_dir: str, w: str) -> list[TierConfig]:
+def _tiers(spec, state_dir: str, w: str, absent: list | None = None) -> list[TierConfig]:
     if spec is None:
         # Embedded default: DRAM through memfd on node 0, NVMe in the state directory.
         nvme_dir = os.path.join(state_dir, "nvme")
@@ -303,13 +334,14 @@ def _tiers(spec, state_dir: str, w: str) -> list[TierConfig]:
         where = f"{w}tiers[{i}]."
         if not isinstance(t, dict):
             raise InputError(f"{w}tiers[{i}]: expected a table")
-        allowed = {"name", "kind", "nodes", "capacity", "backend", "directory", "codec", "fsync", "prefault"}
+        allowed = {"name", "kind", "nodes", "capacity", "backend", "directory", "codec", "fsync", "prefault",
+                   "device", "optional"}
         bad = set(t) - allowed
         if bad:
             raise InputError(f"{where}{sorted(bad)[0]}: unknown key; valid: {', '.join(sorted(allowed))}")
         kind = t.get("kind")
-        if kind not in ("dram", "cxl", "nvme"):
-            raise InputError(f"{where}kind: expected dram, cxl or nvme, got {kind!r}")
+        if kind not in ("gpu", "dram", "cxl", "nvme"):
+            raise InputError(f"{where}kind: expected gpu, dram, cxl or nvme, got {kind!r}")
         name = t.get("name", f"{kind}{i}")
         if not isinstance(name, str) or not name or name in names:
             raise InputError(f"{where}name: missing, not a string or used twice: {name!r}")
@@ -317,6 +349,16 @@ def _tiers(spec, state_dir: str, w: str) -> list[TierConfig]:
         if "capacity" not in t:
             raise InputError(f"{where}capacity: missing")
         tc = TierConfig(name, kind, 0)
+        if kind == "gpu":   # kvtier.cuda.config: device, optional, capacity within the GPU's free memory
+            if out and out[-1].kind != "gpu":
+                raise InputError(f"{where}kind: gpu tiers come first (fastest first)")
+            from kvtier.cuda.config import gpu_tier
+            if gpu_tier(t, where, tc, parse_size, absent if absent is not None else []):
+                out.append(tc)
+            continue
+        for k in ("device", "optional"):
+            if k in t:
+                raise InputError(f"{where}{k}: only gpu tiers have it")
         if kind == "nvme":
             if out and out[-1].kind == "nvme":
                 raise InputError(f"{where}kind: only one nvme tier is supported")
@@ -355,6 +397,9 @@ def _tiers(spec, state_dir: str, w: str) -> list[TierConfig]:
         if kind == "nvme" and "prefault" in t:
             raise InputError(f"{where}prefault: only memory tiers (dram, cxl) are prefaulted")
         out.append(tc)
+    if not out or all(t.kind == "gpu" for t in out if t.kind != "nvme"):
+        raise InputError(f"{w}tiers: a dram or cxl tier is needed (clients put and read through host memory; "
+                         "gpu tiers sit above it)")
     if out[0].kind == "nvme":
         raise InputError(f"{w}tiers[0].kind: the first tier must be a memory tier (dram or cxl)")
     return out

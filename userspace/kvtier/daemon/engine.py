@@ -11,8 +11,8 @@ one copy is kept per key however many sessions reference it (refcounts are the s
 
 Durability: a block is in the NVMe tier once it was demoted there or put with durable=True (written through at
 commit, before the commit is acknowledged). Those blocks survive kill -9 (NvmeTier's crash-safe index) and are
-served after a restart; blocks only in a memory tier are lost with the process, by design (a cache, not a store).
-On graceful shutdown memory tiers are not flushed to NVMe: SIGTERM closes the NVMe index cleanly.
+served after a restart; blocks only in a memory tier are lost if the process dies (a cache, not a store). A
+graceful stop (SIGTERM) copies them to NVMe first, within a time budget (flush_for_restart), then closes the index.
 
 Every move is logged (logger kvtier.daemon, debug) and kept in a ring buffer of recent moves with its reason.
 """
@@ -154,6 +154,11 @@ class Engine:
                 self._arena_id(t, a)
         self.policy_name = cfg.policy
         self.policies = self._make_policies(cfg.policy)
+        self.cluster = None   # kvtier.daemon.cluster_link.ClusterLink: the Mooncake tier below, when configured
+        self.gpu = None       # kvtier.cuda.placement.GpuPlacement: hooks for GPU tiers (first tiers), when any
+        if any(t.kind == "gpu" for t in tiers):
+            from kvtier.cuda.placement import GpuPlacement
+            self.gpu = GpuPlacement(self)
         if self.nvme is not None:
             self._recover_nvme()
 
@@ -321,7 +326,7 @@ class Engine:
             self._room(t, n if t < self.mem_count else 0)
             try:
                 if t < self.mem_count:
-                    slot = tier.reserve(b.key, size)
+                    slot = self._reserve_in(t, b.key, size)
                     try:
                         if callable(payload):
                             payload(tier.view(slot))
@@ -370,6 +375,8 @@ class Engine:
         if self.tiers[dst].kind == "nvme" and b.nvme_copy:
             pass   # written through at put: the disk copy is current
         else:
+            if self.gpu is not None:
+                self.gpu.before_demote(b, src)   # a GPU block: prefetched to the host first
             payload = self._read(src, b)
             try:
                 self._store(dst, b, payload)
@@ -404,8 +411,11 @@ class Engine:
                 vb.out_of_policy = True
                 continue
             self._demote(vb, "policy")
-        if not self.policies[t].contains(b.bid) and b.tier == t and not (b.pins or b.leases):
-            self._demote(b, "declined")
+        if not self.policies[t].contains(b.bid) and b.tier == t:
+            if b.pins or b.leases:
+                b.out_of_policy = True   # declined while held: offered again when released / unpinned
+            else:
+                self._demote(b, "declined")
 
     def _take_out(self, b: Block) -> None:
         """Out of its tier's policy (pinned): no policy can choose it; _put_back hands it back."""
@@ -418,6 +428,8 @@ class Engine:
 
     def _drop(self, b: Block, reason: str) -> None:
         src = b.tier
+        if self.cluster is not None:
+            self.cluster.on_evict(b, src, reason)   # leaving this host: the policy may publish it first
         try:
             self.tiers[src].delete(b.key)
             if b.nvme_copy and self.nvme is not None and src < self.mem_count:
@@ -446,7 +458,9 @@ class Engine:
         src = b.tier
         if src == 0:
             return True
-        payload = self._fill_from_nvme(b, b.nbytes) if src >= self.mem_count and b.nbytes is not None else None
+        # (not with GPU tiers: the promotion tries the GPU first, and O_DIRECT into managed memory is not assured)
+        payload = self._fill_from_nvme(b, b.nbytes) if src >= self.mem_count and b.nbytes is not None \
+            and self.gpu is None else None
         if payload is None:
             payload = self._read(src, b)
         self.policies[src].remove(b.bid)
@@ -474,6 +488,8 @@ class Engine:
                 b.nvme_copy = False
         # a durable block keeps its NVMe copy: it is now in memory and on disk
         b.tier = dst
+        if self.gpu is not None:
+            self.gpu.after_promote(b)   # a shared prefix on the GPU: read-mostly
         self.counters["promotions"] += 1
         self.counters["bytes_moved"] += b.nbytes or 0
         self._log_move(b, src, dst, reason)
@@ -528,6 +544,8 @@ class Engine:
                 b = self.blocks.get(key)
                 if b is not None:
                     self._pin(b)
+            if self.gpu is not None:
+                self.gpu.decoding(s)   # its GPU-resident blocks: prefetched to the GPU again
         elif state != "decoding" and was == "decoding":
             for key in list(s.blocks):
                 b = self.blocks.get(key)
@@ -549,6 +567,8 @@ class Engine:
             return
         s.blocks.add(b.key)
         b.sessions.add(s.sid)
+        if self.gpu is not None:
+            self.gpu.shared(b)
         if s.state == "decoding":
             self._pin(b)
 
@@ -604,14 +624,26 @@ class Engine:
             self.pending_keys[key] = txn
         return txn, slots
 
+    def _reserve_in(self, t: int, key: bytes, nbytes: int):
+        """A slot in memory tier t: victims are demoted until nbytes fit under its limit and, when its arena is
+        fragmented, until a free extent is large enough (ENOSPC once nothing is left to demote)."""
+        self._room(t, nbytes)
+        while True:
+            try:
+                return self.tiers[t].reserve(key, nbytes)
+            except OSError as e:
+                if e.errno != errno.ENOSPC or not self._evict_one(t, "fragmentation"):
+                    raise
+
     def _reserve(self, key: bytes, nbytes: int):
         """A slot in the first memory tier with room (victims demoted); reserved slots are not evictable,
         so a batch larger than the first tier continues in the next one."""
         last = None
         for t in range(self.mem_count):
+            if self.gpu is not None and t in self.gpu.tiers:
+                continue   # clients write into host memory; the GPU tier is reached by promotion
             try:
-                self._room(t, nbytes)
-                return t, self.tiers[t].reserve(key, nbytes)
+                return t, self._reserve_in(t, key, nbytes)
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
@@ -638,7 +670,7 @@ class Engine:
             slot = None
             for t in range(self.mem_count):
                 tier = self.tiers[t]
-                if tier.used_bytes + n > self.limit_bytes[t]:
+                if tier.used_bytes + n > self.limit_bytes[t] or (self.gpu is not None and t in self.gpu.tiers):
                     continue
                 sid = next(self._ids)
                 pkey = b"\xfe" * 8 + sid.to_bytes(8, "little")   # a placeholder key (KEY_BYTES)
@@ -760,6 +792,8 @@ class Engine:
                 s.blocks.add(key)
             blocks.append(b)
         self.counters["puts"] += len(blocks)
+        if self.cluster is not None:
+            self.cluster.on_put(blocks)
         if self.metrics is not None:
             self.metrics.bytes_put(sum(b.nbytes for b in blocks))
         req = self._request(sid or 0, tenant, blocks)
@@ -806,8 +840,12 @@ class Engine:
         s = self._session(tenant, sid)
         salt = self.cfg.tenant(tenant).salt
         found = []
+        if self.cluster is not None:
+            self.cluster.begin_get()
         for h in hashes:
             b = self.blocks.get(derive_key(salt, h))
+            if b is None and self.cluster is not None:
+                b = self.cluster.fetch(tenant, derive_key(salt, h))   # a local miss: the cluster's copy, verified
             b = self._known(b)
             found.append(b if b is not None and b.tenant == tenant else None)
         req = self._request(sid or 0, tenant, [b for b in found if b is not None])
@@ -850,6 +888,10 @@ class Engine:
                 self.metrics.hit(self.tiers[src].name)
             if s is not None:
                 self._attach(s, b)
+            # Leased before its policy sees the hit: a policy that declines a just-promoted block cannot push it
+            # back below memory before the client has read it (it is re-offered on release).
+            b.leases += 1
+            held.append(b)
             if not b.pins:
                 if src == 0 and self.policies[0].contains(b.bid):
                     self.policies[0].on_hit(b.bid, req, pos)
@@ -858,20 +900,24 @@ class Engine:
                 elif b.tier != src:
                     self._admit(b.tier, b, lambda p: p.admit_demoted(b.bid, None))
             pos += 1
-            if b.key not in self.blocks:   # dropped while making room for a later block
-                slots.append(None)
-                served.append(None)
-                continue
-            b.leases += 1
-            held.append(b)
-            slot = self.tiers[b.tier].locate(b.key)
-            slots.append([self._arena_id(b.tier, slot.arena), slot.offset, slot.nbytes, b.meta])
-            served.append(self.tiers[src].name)
+            if self.gpu is not None and b.tier in self.gpu.tiers:
+                t_slot, slot = self.gpu.stage(b, lease)   # a host copy: clients cannot map GPU memory
+                if slot is None:
+                    slots.append(None)
+                    served.append(None)
+                    continue
+            else:
+                t_slot, slot = b.tier, self.tiers[b.tier].locate(b.key)
+            slots.append([self._arena_id(t_slot, slot.arena), slot.offset, slot.nbytes, b.meta])
+            served.append(self.cluster.name if self.cluster is not None and b.key in self.cluster.fetched_now
+                          else self.tiers[src].name)
         if held:
             self.leases[lease] = held
         return lease, slots, served
 
     def release(self, lease: int) -> None:
+        if self.gpu is not None:
+            self.gpu.release(lease)   # staging slots of GPU-resident blocks
         for b in self.leases.pop(lease, ()):
             b.leases -= 1
             if not b.leases:
@@ -884,6 +930,10 @@ class Engine:
             b = self.blocks.get(derive_key(salt, h))
             b = self._known(b)
             out.append(self.tiers[b.tier].name if b is not None and b.tenant == tenant else None)
+        if self.cluster is not None and None in out:
+            miss = [i for i, o in enumerate(out) if o is None]
+            for i, there in zip(miss, self.cluster.contains([derive_key(salt, hashes[i]) for i in miss])):
+                out[i] = self.cluster.name if there else None
         return out
 
     def delete(self, tenant: str, hashes: list) -> int:
@@ -896,6 +946,8 @@ class Engine:
                 continue
             if b.leases:
                 raise err(errno.EBUSY, f"block {b.key.hex()} is being read")
+            if self.cluster is not None:
+                self.cluster.on_delete(b)
             self._drop(b, "deleted")
             n += 1
         return n
@@ -985,6 +1037,8 @@ class Engine:
     def prefetch_tick(self, limit: int = 16) -> int:
         """Promote what the first tier's policy expects to be asked for soon (idle sessions due back)."""
         n = 0
+        if self.gpu is not None:
+            self.gpu.tick()   # retire finished GPU prefetches (their events)
         try:
             wanted = self.policies[0].prefetch_suggestions(limit)
         except TypeError:
@@ -1009,6 +1063,10 @@ class Engine:
                          "backend_note": getattr(tier, "backend_note", "")})
             if hasattr(tier, "quant_stats") and not tier.codec.lossless:
                 rows[-1]["quant"] = tier.quant_stats()   # the error measured on what it quantised
+            if hasattr(tier, "gpu_stats"):
+                rows[-1]["gpu"] = {**tier.gpu_stats(), **self.gpu.counters}   # prefetches, moves in flight, staging
+        if self.cluster is not None:
+            rows.append(self.cluster.row())
         return rows
 
     def status(self) -> dict:
@@ -1019,9 +1077,62 @@ class Engine:
                 "counters": dict(self.counters), "evictions": dict(self.evictions),
                 "hit_rate": hits / gets if gets else 0.0,
                 "hit_rate_by_tier": {self.tiers[t].name: (h / gets if gets else 0.0)
-                                     for t, h in enumerate(self.hits_by_tier)}}
+                                     for t, h in enumerate(self.hits_by_tier)},
+                **({"cluster": self.cluster.status()} if self.cluster is not None else {})}
+
+    def flush_for_restart(self, budget_s: float, batch_bytes: int = 64 << 20) -> dict:
+        """Graceful stop: copy memory-only blocks to the NVMe tier so that a restart serves them. Most-hit blocks
+        first, only into the NVMe tier's free room (what is on disk is not evicted for them), group-committed in
+        batches, until budget_s runs out. Blocks stay where they are: this only adds disk copies."""
+        t0 = time.monotonic()
+        out = {"blocks": 0, "bytes": 0, "left": 0, "seconds": 0.0}
+        if self.nvme is None:
+            return out
+        todo = sorted((b for b in self.blocks.values()
+                       if b.tier < self.mem_count and not b.nvme_copy and b.nbytes and b.tenant is not None),
+                      key=lambda b: -b.hits)
+        # the recovered disk is re-admitted into the NVMe policy at start: stay within its capacity in blocks
+        room = self.policies[-1].capacity_blocks - len(self.policies[-1]) - \
+            sum(1 for b in self.blocks.values() if b.nvme_copy and b.tier < self.mem_count)
+        limit = self.limit_bytes[-1]
+        i = 0
+        while i < len(todo) and room > 0 and time.monotonic() - t0 < budget_s:
+            batch, nbytes = [], 0
+            while i < len(todo) and room > len(batch) and nbytes < batch_bytes:
+                b = todo[i]
+                i += 1
+                if self.nvme.used_bytes + nbytes + b.nbytes + 4096 > limit:
+                    continue   # the tier's free room, rounded up to its 4 KiB extents
+                batch.append(b)
+                nbytes += b.nbytes + 4096
+            if not batch:
+                break
+            plain = [b for b in batch if self._quant_layout(b) is None]
+
+            def data(b):   # O_DIRECT straight from managed (GPU) memory is not portable: copy those out first
+                v = self._read(b.tier, b)
+                return bytes(v) if self.tiers[b.tier].kind == "gpu" else v
+            try:
+                if plain:
+                    self.nvme.put_many([(b.key, data(b), self._nvme_header(b)) for b in plain])
+                for b in batch:
+                    if b not in plain:
+                        self._nvme_put(b, data(b), self._nvme_header(b))
+            except OSError as e:
+                log.warning("flush for restart stopped: %s", e)
+                break
+            for b in batch:
+                b.nvme_copy = True
+                out["blocks"] += 1
+                out["bytes"] += b.nbytes
+            room -= len(batch)
+        out["left"] = sum(1 for b in self.blocks.values() if b.tier < self.mem_count and not b.nvme_copy)
+        out["seconds"] = time.monotonic() - t0
+        return out
 
     def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
         for t in self.tiers:
             try:
                 t.close()

@@ -3,7 +3,8 @@
 Families: kvtier_tier_capacity_bytes / kvtier_tier_used_bytes / kvtier_tier_blocks {tier, kind} (read from the
 engine at scrape time), kvtier_hits_total {tier} (the tier that served the hit), kvtier_misses_total,
 kvtier_bytes_moved_total {src, dst}, kvtier_evictions_total {reason}, kvtier_put_bytes_total,
-kvtier_api_latency_seconds {op} (histogram), kvtier_sessions, kvtier_blocks.
+kvtier_api_latency_seconds {op} (histogram), kvtier_sessions, kvtier_blocks; GPU tiers: kvtier_gpu_prefetches and
+kvtier_gpu_prefetch_bytes {tier, direction}, kvtier_gpu_moves_in_flight {tier}.
 """
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ class _TierCollector:
                                  "(max_abs, rel_rms_max, rel_rms_mean)", labels=["tier", "measure"])
         qblocks = GaugeMetricFamily("kvtier_quant_blocks", "Blocks a tier quantised, or stored exactly because "
                                     "over its error bound", labels=["tier", "outcome"])
+        gpu_moves = GaugeMetricFamily("kvtier_gpu_prefetches", "Prefetches a GPU tier issued (cudaMemPrefetchAsync), "
+                                      "by direction", labels=["tier", "direction"])
+        gpu_bytes = GaugeMetricFamily("kvtier_gpu_prefetch_bytes", "Bytes a GPU tier prefetched, by direction",
+                                      labels=["tier", "direction"])
+        gpu_flight = GaugeMetricFamily("kvtier_gpu_moves_in_flight", "GPU prefetches whose event has not completed",
+                                       labels=["tier"])
         rows = []
         for _ in range(3):   # the engine's loop may change its dicts meanwhile: retry a torn read
             try:
@@ -50,9 +57,15 @@ class _TierCollector:
                         qerr.add_metric([row["name"], m], q[m])
                     qblocks.add_metric([row["name"], "quantised"], q["quantised_blocks"])
                     qblocks.add_metric([row["name"], "over_bound"], q["refused_over_bound"])
+                g = row.get("gpu")
+                if g:
+                    for d in ("to_device", "to_host"):
+                        gpu_moves.add_metric([row["name"], d], g[d])
+                        gpu_bytes.add_metric([row["name"], d], g[d + "_bytes"])
+                    gpu_flight.add_metric([row["name"]], g["moves_in_flight"])
             sessions.add_metric([], len(eng.sessions))
             total.add_metric([], len(eng.blocks))
-        yield from (cap, used, blocks, sessions, total, qerr, qblocks)
+        yield from (cap, used, blocks, sessions, total, qerr, qblocks, gpu_moves, gpu_bytes, gpu_flight)
 
 
 class _LatencyCollector:

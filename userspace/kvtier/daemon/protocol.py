@@ -52,8 +52,11 @@ Ops (fields; reply fields):
                                                       they are re-reserved into the room just freed and the
                                                       reply lists them all: the client replaces its set)
   stats            -                               -> the daemon's state (kvctl status)
+  register_range   address, length, block_bytes, blocks? [hash|None]  -> range, probes, counted (eBPF heat of
+                                                      the caller's own anonymous KV memory; daemon/heat.py)
+  unregister_range range                           -> removed
   admin ops (kvctl): sessions, blocks {session?, tier?, limit?}, explain {block}, pin/unpin {block|session},
-                     evict {block}, policy / policy_set {name}, moves {limit?}. stats and the read-only ones
+                     evict {block}, policy / policy_set {name}, moves {limit?}, top {limit?}. stats and the read-only ones
                      are scoped to the connection's tenant once bound; without a tenant (the all-tenant
                      view) and for pin/unpin/evict/policy_set the peer must be an admin (root, the daemon's
                      uid, or [admins] of the config); else EPERM

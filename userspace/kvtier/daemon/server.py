@@ -72,6 +72,10 @@ def build_tiers(cfg) -> list:
                 os.makedirs(t.directory, mode=0o700, exist_ok=True)
                 codec = codec_from_config(t.codec) if t.codec else None
                 tiers.append(NvmeTier(t.name, t.directory, t.capacity_bytes, codec=codec, fsync=t.fsync))
+            elif t.kind == "gpu":   # CUDA managed memory; demoted blocks prefer the next memory tier's node
+                from kvtier.cuda.tier import open_tier
+                host = next((h for h in cfg.tiers if h.kind in ("dram", "cxl")), None)
+                tiers.append(open_tier(t.name, t.capacity_bytes, t.device, host.nodes[0] if host else None))
             else:
                 tiers.append(MemoryTier(t.name, t.kind, t.nodes, t.capacity_bytes, backend=t.backend,
                                         prefault=t.prefault))
@@ -100,6 +104,12 @@ class Server:
         self.metrics = metrics
         self.tiers = build_tiers(cfg)
         self.engine = Engine(cfg, self.tiers, metrics)
+        from kvtier.daemon.heat import Heat   # eBPF access heat: loads in the background, optional
+        self.heat = Heat(self.engine, getattr(cfg, "probes", None))
+        self.heat.start()
+        if cfg.cluster is not None:   # connects in the background: the local tiers serve meanwhile
+            from kvtier.daemon.cluster_link import ClusterLink
+            self.engine.cluster = ClusterLink(self.engine, cfg.cluster)
         if metrics is not None:
             metrics.engine = self.engine
         self.sel = selectors.DefaultSelector()
@@ -117,6 +127,8 @@ class Server:
             "delete": self.op_delete, "stats": self.op_stats, "sessions": self.op_sessions,
             "blocks": self.op_blocks, "explain": self.op_explain, "pin": self.op_pin, "unpin": self.op_unpin,
             "evict": self.op_evict, "policy": self.op_policy, "policy_set": self.op_policy, "moves": self.op_moves,
+            "top": self.op_top, "register_range": self.op_register_range,
+            "unregister_range": self.op_unregister_range,
         }
 
     # -- socket set-up ---------------------------------------------------------------------------------
@@ -173,10 +185,14 @@ class Server:
         log.info("kvtierd ready on %s (policy %s, tiers %s, metrics %s)", self.cfg.socket, self.engine.policy_name,
                  ", ".join(f"{t.name}:{t.kind}:{t.capacity_bytes}" for t in self.tiers),
                  f"{self.cfg.metrics_host}:{self.metrics_port}" if self.metrics_port else "off")
+        for t in getattr(self.cfg, "absent_tiers", ()):   # optional gpu tiers without their GPU
+            log.warning("tier %s (%s) left out: %s", t["name"], t["kind"], t["reason"])
         spin_s = self.cfg.busy_poll_us / 1e6
         spin_until = 0.0
         while self.running:
             timeout = min(PREFETCH_EVERY_S, ping_s) if ping_s else PREFETCH_EVERY_S
+            if self.heat.probes is not None:
+                timeout = min(timeout, self.heat.interval_s)
             if spin_until:
                 # busy-poll right after a request: the next one usually follows within microseconds
                 events = self.sel.select(0)
@@ -216,6 +232,7 @@ class Server:
                     self.engine.prefetch_tick()
                 except Exception:
                     log.exception("prefetch")
+            self.heat.tick(now)   # eBPF heat -> per-block EMA and policy.touch(), every [probes] interval_ms
         self.shutdown()
 
     def shutdown(self) -> None:
@@ -232,6 +249,14 @@ class Server:
             pass
         for fd in list(self.conns):
             self._close(self.conns[fd])
+        if self.cfg.shutdown_flush_s > 0:
+            try:
+                done = self.engine.flush_for_restart(self.cfg.shutdown_flush_s)
+                log.info("flushed %d memory-only blocks (%d bytes) to NVMe in %.2f s for the restart; %d left",
+                         done["blocks"], done["bytes"], done["seconds"], done["left"])
+            except Exception:   # a failed flush must not keep the NVMe index from closing cleanly
+                log.exception("flush for restart")
+        self.heat.close()
         self.engine.close()   # NvmeTier.close() syncs and closes its index log
         if self.metrics is not None:
             self.metrics.stop()
@@ -330,7 +355,7 @@ class Server:
             reply["ok"] = True
         except OSError as e:
             reply, fds = {"ok": False, "errno": e.errno or errno.EIO, "error": e.strerror or str(e)}, []
-        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, IndexError) as e:
+        except (ValueError, TypeError, KeyError, OverflowError, IndexError) as e:
             # msgpack's own errors and wrong field types: the request was malformed
             log.debug("op %r: malformed request", op, exc_info=True)
             reply, fds = {"ok": False, "errno": errno.EINVAL, "error": f"malformed request: {e}"}, []
@@ -577,10 +602,10 @@ class Server:
                   "blocks": sum(1 for b in eng.blocks.values() if b.tenant == scope),
                   "pinned_blocks": sum(1 for b in eng.blocks.values() if b.tenant == scope and b.pins)}
         st.update(socket=self.cfg.socket, config=self.cfg.source, pid=os.getpid(), uptime_s=time.time() - self.started,
-                  admin=scope is None,
+                  admin=scope is None, absent_tiers=getattr(self.cfg, "absent_tiers", []),
                   module={"device": kmod.DEVICE_PATH, "present": os.path.exists(kmod.DEVICE_PATH),
                           "loaded": os.path.exists("/sys/module/kvtier")},
-                  probes={"loaded": False, "note": "eBPF probes are not wired into the daemon yet"})
+                  probes=self.heat.status())
         return st, []
 
     def op_sessions(self, conn, msg):
@@ -622,12 +647,15 @@ class Server:
             total += 1
             if len(rows) < limit:
                 rows.append(b.to_dict(self.tiers))
+                rows[-1]["heat"] = (self.heat.block_info(b.key) or {}).get("heat", 0.0)
         return {"blocks": rows, "total": total}, []
 
     def op_explain(self, conn, msg):
         scope = self._scope(conn)
         self._find(scope, msg.get("block"))
         d = self.engine.explain(msg["block"])
+        d["heat"] = self.heat.block_info(bytes.fromhex(msg["block"])) or {"heat": 0.0, "touches": 0,
+                                                                           "probes": self.heat.state}
         if scope is not None:
             # a shared block's sessions may include another tenant's only through a shared salt; keep its own
             d["session_ids"] = [sid for sid in d["session_ids"]
@@ -693,3 +721,30 @@ class Server:
                     out.append(m)
             moves = out
         return {"moves": list(moves)[-limit:]}, []
+
+    def op_top(self, conn, msg):
+        """kvctl top: tiers, hottest blocks and sessions, migration rates and latency percentiles."""
+        scope = self._scope(conn)
+        limit = min(self._int(msg, "limit", True) or 10, 1000)
+        eng = self.engine
+        reply = self.heat.top(limit, scope)
+        reply.update(tiers=eng.tier_rows() if scope is None else [], counters=dict(eng.counters) if scope is None
+                     else {}, probes=self.heat.status(), time=time.time())
+        return reply, []
+
+    def op_register_range(self, conn, msg):
+        """An engine's anonymous KV memory (its own address space): faults there count as heat of the blocks
+        named by `blocks` (prefix hashes, block i at address + i * block_bytes; None for a hole)."""
+        from kvtier.daemon.engine import derive_key
+        salt = self.cfg.tenant(self._tenant(conn)).salt
+        keys = [None if h is None else derive_key(salt, h) for h in self._list(msg, "blocks")] \
+            if msg.get("blocks") is not None else []
+        return self.heat.register_range(conn.pid, self._int(msg, "address"), self._int(msg, "length"),
+                                        self._int(msg, "block_bytes"), keys), []
+
+    def op_unregister_range(self, conn, msg):
+        rid = self._int(msg, "range")
+        r = self.heat.ranges.get(rid)
+        if r is None or r["pid"] != conn.pid:
+            raise OSError(errno.ENOENT, f"no range {rid} of this process")
+        return {"removed": self.heat.unregister_range(rid)}, []

@@ -10,6 +10,7 @@ The replay driver and the daemon speak to a policy through the same calls, in th
     remove(block)                    the caller takes a block away (promotion to a faster tier, pinning)
     pop_victim()                     evict one block now (the caller shrinks the tier or demotes)
     session_hint(sid, state)         prefill / decode / idle / finished
+    touch(block, count, now_ms)      accessed outside the API (eBPF heat); resident blocks only
     explain(block)                   the scores behind the block's current standing
     prefetch_suggestions(limit)      blocks the policy expects to be asked for soon
 
@@ -77,6 +78,10 @@ class Policy(ABC):
         for pos, block in enumerate(req.hash_ids):
             out.extend(self.offer(block, req, pos, hits[pos]))
         return out
+
+    def touch(self, block: int, count: int, now_ms: float = 0.0) -> None:
+        """The block was accessed outside the API `count` times (eBPF access heat: an engine read or wrote
+        its memory directly). Never admits or evicts; the default ignores it."""
 
     # -- moves between tiers ----------------------------------------------------------------------
     def export_meta(self, block: int):

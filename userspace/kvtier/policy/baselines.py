@@ -45,6 +45,10 @@ class LRU(Policy):
     def remove(self, block):
         return self._q.pop(block, 0) is None
 
+    def touch(self, block, count, now_ms=0.0):
+        if count > 0 and block in self._q:
+            self._touch(block)
+
     def pop_victim(self):
         return self._q.popitem(last=False)[0] if self._q else None
 
@@ -101,6 +105,10 @@ class LFU(Policy):
 
     def remove(self, block):
         return self._freq.pop(block, None) is not None  # heap entry goes stale
+
+    def touch(self, block, count, now_ms=0.0):
+        if count > 0 and block in self._freq:
+            self._push(block, self._freq[block][0] + count)
 
     def pop_victim(self):
         while self._heap:
@@ -190,6 +198,15 @@ class ARC(Policy):
     def remove(self, block):
         return self.t1.pop(block, 0) is None or self.t2.pop(block, 0) is None
 
+    def touch(self, block, count, now_ms=0.0):
+        if count <= 0:
+            return
+        if block in self.t1:
+            del self.t1[block]
+            self.t2[block] = None
+        elif block in self.t2:
+            self.t2.move_to_end(block)
+
     def pop_victim(self):
         if not len(self):
             return None
@@ -272,6 +289,10 @@ class S3FIFO(Policy):
         self.small.pop(block, None)
         self.main.pop(block, None)
         return True
+
+    def touch(self, block, count, now_ms=0.0):
+        if count > 0 and block in self.freq:
+            self.freq[block] = min(3, self.freq[block] + count)
 
     def pop_victim(self):
         return self._evict() if len(self) else None

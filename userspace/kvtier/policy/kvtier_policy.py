@@ -1,10 +1,12 @@
 """kvtier's default policy: a learned hit-density expert and recency experts, arbitrated online.
 
 The default policy `kvtier` (KvtierPolicy, at the end of this file) runs full shadow simulations of several
-experts on the same request stream: the learned hit-density expert described below (HitDensityPolicy,
-`kvtier-density`), LRU, ARC and S3-FIFO. Each shadow counts the hits it would have had, with exponential
-decay (half-life: a few cache turnover times, measured). The real cache follows the expert with the most
-recent hits (the leader), in the spirit of set dueling (DIP, Qureshi et al. ISCA'07) and of choosing a
+experts on the same request stream: the reuse-predictor expert (kvtier.policy.predictor,
+`kvtier-predict`: an online logistic model of whether a request's blocks come back, from block, request
+and session features, with hit-density eviction), the learned hit-density expert described below
+(HitDensityPolicy, `kvtier-density`), LRU, ARC and S3-FIFO. Each shadow counts the hits it would have
+had, with exponential decay (half-life: a few cache turnover times, measured). The real cache follows
+the expert with the most recent hits (the leader), in the spirit of set dueling (DIP, Qureshi et al. ISCA'07) and of choosing a
 policy by miniature simulation (Waldspurger et al. ATC'17): it admits an offered block when the leader's
 shadow holds it after the offer, and when it needs room it first evicts blocks the leader no longer holds
 (the leader's victims, oldest first; after a switch, what the new leader does not hold). So when one
@@ -321,7 +323,7 @@ class HitDensityPolicy(Policy):
 
 # -- the default: online arbitration between experts ------------------------------------------------------
 
-EXPERTS = ("density", "lru", "arc", "s3fifo")   # the learned expert first: it leads until beaten
+EXPERTS = ("predict", "density", "lru", "arc", "s3fifo")   # the learned experts first: they lead until beaten
 HALF_LIFE_TURNOVERS = 4.0   # score half-life, in cache turnover times (measured, not fitted)
 SWITCH_MARGIN = 0.02        # hysteresis: a challenger must lead by this fraction of the leader's score
 
@@ -333,10 +335,12 @@ class KvtierPolicy(Policy):
 
     def __init__(self, capacity_blocks: int, experts: tuple[str, ...] = EXPERTS):
         from kvtier.policy.baselines import ARC, LRU, S3FIFO
+        from kvtier.policy.predictor import ReusePredictorPolicy
 
         self._shadows: dict[str, Policy] = {}
         self.density = HitDensityPolicy(capacity_blocks)
-        make = {"density": lambda c: self.density, "lru": LRU, "arc": ARC, "s3fifo": S3FIFO}
+        make = {"predict": ReusePredictorPolicy, "density": lambda c: self.density, "lru": LRU, "arc": ARC,
+                "s3fifo": S3FIFO}
         for e in experts:
             self._shadows[e] = make[e](capacity_blocks)
         self._names = list(self._shadows)
@@ -416,6 +420,13 @@ class KvtierPolicy(Policy):
 
     def on_hit(self, block, req, pos):
         self._res.move_to_end(block)
+
+    def touch(self, block, count, now_ms=0.0):
+        """Direct access (eBPF heat): recency for the real cache and every recency expert."""
+        if count > 0 and block in self._res:
+            self._res.move_to_end(block)
+            for s in self._list:
+                s.touch(block, count, now_ms)
 
     def end_request(self, req, hits):
         """Every expert sees the whole request (its own hits); then the real cache follows the leader."""

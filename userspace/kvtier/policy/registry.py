@@ -9,6 +9,7 @@ DEFAULT_POLICY = "kvtier"
 _POLICIES = {
     "kvtier": ("kvtier.policy.kvtier_policy", "KvtierPolicy"),
     "kvtier-density": ("kvtier.policy.kvtier_policy", "HitDensityPolicy"),  # the default's learned expert
+    "kvtier-predict": ("kvtier.policy.predictor", "ReusePredictorPolicy"),  # the default's reuse predictor
     "lru": ("kvtier.policy.baselines", "LRU"),
     "lfu": ("kvtier.policy.baselines", "LFU"),
     "fifo": ("kvtier.policy.baselines", "FIFO"),

@@ -5,7 +5,9 @@ Each generator is seeded and returns Requests (write them with kvtier.policy.tra
                 a few system prompts picked by Zipf popularity;
   - "rag":      many sessions sharing long Zipf-popular documents (deep prefix sharing, fan-out), few turns;
   - "scan":     chat plus large one-off requests (scans) that a good policy must not let flush the cache;
-  - "agentic":  long sessions of rapid turns with large growing contexts and tool-call bursts.
+  - "agentic":  long sessions of rapid turns with large growing contexts and tool-call bursts;
+  - "prefix":   many shared system prompts (long, Zipf-popular) under short conversations;
+  - "longchat": long multi-turn chats with slow, heavy-tailed think times and small turns.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import random
 from kvtier.policy.model import TOKENS_PER_BLOCK, Request
 from kvtier.policy.trace import infer_sessions
 
-KINDS = ("chat", "rag", "scan", "agentic")
+KINDS = ("chat", "rag", "scan", "agentic", "prefix", "longchat")
 
 
 def _zipf_pick(rng: random.Random, n: int, s: float = 1.1) -> int:
@@ -42,6 +44,10 @@ def generate(kind: str = "chat", requests: int = 3000, seed: int = 0) -> list[Re
                      rate_per_s=3.0, scan_p=0.15),
         "agentic": dict(prompts=4, prompt_blocks=(2, 6), docs=0, turn_p=0.9, think_ms=4000, new_blocks=(2, 12),
                         rate_per_s=2.0, scan_p=0.0),
+        "prefix": dict(prompts=150, prompt_blocks=(4, 30), docs=0, turn_p=0.3, think_ms=20000, new_blocks=(1, 6),
+                       rate_per_s=5.0, scan_p=0.0),
+        "longchat": dict(prompts=3, prompt_blocks=(1, 3), docs=0, turn_p=0.93, think_ms=180000, new_blocks=(1, 4),
+                         rate_per_s=1.0, scan_p=0.0),
     }[kind]
     prompts = [fresh(rng.randint(*params["prompt_blocks"])) for _ in range(params["prompts"])]
     docs = [fresh(rng.randint(4, 40)) for _ in range(params["docs"])]

@@ -60,12 +60,12 @@ class Tier(ABC):
     """
 
     name: str
-    kind: str  # "dram" | "cxl" | "nvme"
+    kind: str  # "gpu" | "dram" | "cxl" | "nvme"
     capacity_bytes: int
 
     def __init__(self, name: str, kind: str, capacity_bytes: int):
-        if kind not in ("dram", "cxl", "nvme"):
-            raise ValueError(f"tier {name}: kind must be dram, cxl or nvme, not {kind!r}")
+        if kind not in ("gpu", "dram", "cxl", "nvme", "cluster"):
+            raise ValueError(f"tier {name}: kind must be gpu, dram, cxl, nvme or cluster, not {kind!r}")
         if int(capacity_bytes) <= 0:
             raise ValueError(f"tier {name}: capacity_bytes must be positive, not {capacity_bytes}")
         self.name = name

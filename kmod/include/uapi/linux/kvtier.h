@@ -73,6 +73,7 @@ struct kvtier_tags {
 #define KVTIER_FEATURE_SHARE		(1ULL << 1)	/* read-only sharing, SIGBUS on write, UNSHARE copies */
 #define KVTIER_FEATURE_GRANT		(1ULL << 2)
 #define KVTIER_FEATURE_MOVABLE_NODES	(1ULL << 3)	/* allocates on ZONE_MOVABLE-only nodes (dax kmem) */
+#define KVTIER_FEATURE_ACCESS_RESET	(1ULL << 4)	/* KVTIER_IOC_ACCESS_RESET: access sampling */
 
 struct kvtier_api {
 	__u32 api_version;	/* KVTIER_API_VERSION */
@@ -183,6 +184,13 @@ struct kvtier_range {
 	__u32 nr_blocks;
 };
 
+/*
+ * KVTIER_IOC_ACCESS_RESET (struct kvtier_range): unmap the blocks' pages from every
+ * process, keeping them allocated, so the next touch of each page faults again
+ * (minor fault) and is counted by the kvtier_fault tracepoint: access sampling for
+ * probes that keep per-block heat (bpf/). Empty blocks are left alone.
+ */
+
 /* KVTIER_IOC_BLOCK_QUERY: one kvtier_block_state per block into entries_ptr. */
 #define KVTIER_BLOCK_POPULATED	(1U << 0)	/* every page allocated */
 #define KVTIER_BLOCK_PARTIAL	(1U << 1)	/* some pages allocated */
@@ -244,6 +252,7 @@ struct kvtier_stats {
 #define KVTIER_IOC_BLOCK_QUERY		_IOW(KVTIER_IOC_MAGIC, 0x09, struct kvtier_block_query)
 #define KVTIER_IOC_GRANT		_IOW(KVTIER_IOC_MAGIC, 0x0a, struct kvtier_grant)
 #define KVTIER_IOC_STATS		_IOR(KVTIER_IOC_MAGIC, 0x0b, struct kvtier_stats)
+#define KVTIER_IOC_ACCESS_RESET		_IOW(KVTIER_IOC_MAGIC, 0x0c, struct kvtier_range)
 
 /* ---- generic netlink family "kvtier" (spec: kmod/netlink/kvtier.yaml) ---- */
 

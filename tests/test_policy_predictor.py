@@ -1,0 +1,77 @@
+"""The default's reuse-predictor expert (kvtier.policy.predictor): it learns online which requests come back."""
+from kvtier.policy.model import Request
+from kvtier.policy.registry import make_policy, policy_names
+from kvtier.policy.replay import replay_single
+from kvtier.policy.tiers import parse_tiers, replay_tiers
+from kvtier.policy.trace import infer_sessions
+
+GAP = 30  # requests between a kept conversation's turns
+
+
+def _two_kinds(n=1500):
+    """Alternating requests: 'short answer' ones (output 8 tokens) whose conversation sends a second turn
+    GAP requests later, re-sending all but the tail; 'long answer' ones (3000 tokens) that never come back.
+    Only the output length tells them apart when they arrive."""
+    reqs, nxt = [], [1]
+
+    def fresh(k):
+        ids = list(range(nxt[0], nxt[0] + k))
+        nxt[0] += k
+        return ids
+
+    for i in range(n):
+        ids = [0] + fresh(10)
+        if i % 2 == 0:
+            reqs.append(Request(-1, i * 1000.0, len(ids) * 512, 8, ids))
+            # the second turn ends the conversation; it arrives half-way between two first turns
+            second = ids[:-1] + fresh(3)
+            if i + GAP < n:  # the trace ends first: the latest first turns are still open
+                reqs.append(Request(-1, (i + GAP) * 1000.0 + 500, len(second) * 512, 3000, second))
+        else:
+            reqs.append(Request(-1, i * 1000.0, len(ids) * 512, 3000, ids))
+    reqs.sort(key=lambda r: r.timestamp_ms)
+    for i, r in enumerate(reqs):
+        r.index = i
+    infer_sessions(reqs)
+    return reqs
+
+
+def test_registered_and_learns_which_requests_come_back():
+    assert "kvtier-predict" in policy_names()
+    reqs = _two_kinds()
+    policy = make_policy("kvtier-predict", 200)
+    replay_single(reqs, "kvtier-predict", 200, policy=policy)
+    last = [r for r in reqs if len(r.hash_ids) == 11][-20:]  # the latest first turns, still watched
+    keep = [policy.explain(r.hash_ids[3]) for r in last if r.output_length == 8]
+    drop = [policy.explain(r.hash_ids[3]) for r in last if r.output_length == 3000]
+    assert len(keep) == len(drop) == 10
+    p_keep = min(d["predicted_reuse_probability"] for d in keep)
+    p_drop = max(d["predicted_reuse_probability"] for d in drop)
+    assert p_keep > 0.7 and p_drop < 0.3, (p_keep, p_drop)
+    # the resident ones explain their standing
+    resident = [d for d in keep if d["resident"]]
+    assert resident and all(d["hit_density"] > 0 and d["age_requests"] >= 0 for d in resident)
+
+
+def test_beats_recency_where_reuse_is_predictable_and_never_beats_opt():
+    reqs = _two_kinds()
+    cap = 200  # LRU's reach (~20 requests) is shorter than GAP; the kept turns alone need ~270 blocks
+    r = {p: replay_single(reqs, p, cap).hit_rate for p in ("lru", "arc", "kvtier-predict", "kvtier", "opt")}
+    assert r["kvtier-predict"] > max(r["lru"], r["arc"]) + 0.1, r
+    assert r["kvtier"] > max(r["lru"], r["arc"]) + 0.1, r  # the default follows it
+    assert r["kvtier-predict"] <= r["opt"] and r["kvtier"] <= r["opt"], r
+
+
+def test_demotes_into_lower_tiers_and_keeps_the_capacity_contract():
+    reqs = _two_kinds(600)
+    d = replay_tiers(reqs, "kvtier-predict", parse_tiers("dram:60,nvme:400"), urgency=False).as_dict()
+    assert d["demotions"] > 0 and d["tiers"][1]["hits"] > 0
+    policy = make_policy("kvtier-predict", 100)
+    replay_single(reqs, "kvtier-predict", 100, policy=policy)
+    assert len(policy) == 100
+    evicted = policy.resize(40)
+    assert len(evicted) == 60 and len(policy) == 40 and not any(policy.contains(b) for b in evicted)
+    victim = policy.pop_victim()
+    meta = policy.export_meta(next(b for r in reqs[-5:] for b in r.hash_ids if policy.contains(b)))
+    assert victim is not None and not policy.contains(victim) and meta is not None
+    assert policy.admit_demoted(victim, None) == [] and policy.contains(victim)  # there was room

@@ -1,0 +1,349 @@
+"""kvtier's reuse-predictor expert: online logistic reuse prediction per request, hit-density eviction.
+
+In chat traces a block is reused almost only when its conversation sends another turn (the next turn
+re-sends the whole history) or when it is a shared prefix. Whether a request's blocks come back is thus
+mostly a property of the request and its session, not of the block, and a per-class Beta-Bernoulli count
+spreads that signal over too many sparse classes. This expert instead learns one online logistic model
+(AdaGrad, one-hot features, no constants fitted to any trace) of P(block is reused within the horizon)
+from what is known when the request is offered:
+
+  - the block: how often it was seen before (0, 1, 2, 3, 4+), whether it is the request's root or tail;
+  - the request: prompt size and output size (log2 buckets), the share of new blocks;
+  - the session: turn number, time since its previous turn and its mean gap (log2 buckets of seconds).
+
+Labels arrive online: a block offered at request i is a positive when it is accessed again before
+i + W, a negative when W passes first (W: the ghost horizon, a multiple of the measured cache turnover).
+The ages at reuse feed a shared reuse-age histogram per seen-count bucket (quarter-octave buckets).
+
+Eviction ranks blocks by hit density (LHD, Beckmann et al. NSDI'18): for a block with predicted reuse
+probability p and age a, with S(a) the learned share of reuses later than a,
+
+    density = p S(a) / (p S(a) E[gap - a | gap > a] + (1 - p)(W - a))
+
+i.e. expected hits per block-request of cache space still to be spent on it. Blocks sit in cohorts of
+equal (quantised p, seen bucket), oldest first; the cohort head with the lowest density is the victim,
+and an offered block whose density is below every head's is declined (admission control).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict, deque
+
+from kvtier.policy.base import Policy
+from kvtier.policy.model import Request
+
+P_LEVELS = 32               # quantisation of the predicted probability into cohorts
+AGE_STEPS_PER_OCTAVE = 4
+AGE_BUCKETS = 4 * 24
+HORIZON_TURNOVERS = 4.0     # ghost horizon W in cache turnovers: with 2, a cache that admits everything never
+                            # sees reuse beyond its own reach and keeps admitting everything (a trap)
+LEARNING_RATE = 0.1         # AdaGrad step; AdaGrad scales it per feature
+DECAY_EVERY_REQUESTS = 2000
+REFRESH_EVERY_REQUESTS = 100
+
+
+def _age_bucket(age: float) -> int:
+    if age < 1:
+        return 0
+    return min(AGE_BUCKETS - 1, 1 + int(AGE_STEPS_PER_OCTAVE * math.log2(age)))
+
+
+def _bucket_mid(k: int) -> float:
+    return 0.5 if k == 0 else 2.0 ** ((k - 0.5) / AGE_STEPS_PER_OCTAVE)
+
+
+def _log2b(x: float, cap: int) -> int:
+    return min(cap, int(max(0.0, x)).bit_length())
+
+
+class _Sample:
+    """One labelled example: the blocks of one request that share a feature vector."""
+
+    __slots__ = ("feats", "clock", "n", "reused")
+
+    def __init__(self, feats, clock):
+        self.feats, self.clock, self.n, self.reused = feats, clock, 0, 0
+
+
+class ReusePredictorPolicy(Policy):
+    name = "kvtier-predict"
+
+    def __init__(self, capacity_blocks: int):
+        super().__init__(capacity_blocks)
+        self._w: dict = {}                      # feature -> weight
+        self._g2: dict = {}                     # feature -> AdaGrad sum of squared gradients
+        self._seen: dict[int, int] = {}         # block -> times accessed
+        self._sess: dict[int, list] = {}        # session -> [turns, last arrival ms, mean gap s or None]
+        self._ghost: dict[int, tuple] = {}      # block -> (sample, clock, seen bucket) of its last offer
+        self._pending: deque = deque()          # samples waiting for their label, oldest first
+        self._ghost_q: deque = deque()          # (block, clock) offers in order, to expire ghosts
+        self._gaps = [[0.0] * AGE_BUCKETS for _ in range(5)]  # per seen bucket: reuses per age bucket
+        self._dropped = [0.0] * 5               # per seen bucket: blocks not reused within W
+        self._where: dict[int, tuple] = {}      # resident block -> cohort
+        self._cohorts: dict[tuple, OrderedDict] = {}
+        self._density: dict[tuple, float] = {}
+        self._admit_rate = 16.0
+        self._clock = 0
+        self._req_feats: tuple = ()
+        self._heads: list | None = None         # (density, head block, cohort), rebuilt each request
+        self._groups: dict = {}                 # (seen bucket, role) -> (sample, p) for the current request
+        self._tail: dict = {}                   # per seen bucket: cached S(a) and residual-gap tables
+
+    # -- the model ------------------------------------------------------------------------------------
+    @property
+    def horizon_requests(self) -> float:
+        return max(16.0, HORIZON_TURNOVERS * self.capacity_blocks / max(1.0, self._admit_rate))
+
+    def _predict(self, feats) -> float:
+        w = self._w
+        z = sum(w.get(f, 0.0) for f in feats)
+        return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
+
+    def _train(self, s: _Sample) -> None:
+        if not s.n:
+            return
+        grad = (self._predict(s.feats) - s.reused / s.n) * math.sqrt(s.n)
+        w, g2 = self._w, self._g2
+        for f in s.feats:
+            acc = g2.get(f, 1e-6) + grad * grad
+            g2[f] = acc
+            w[f] = w.get(f, 0.0) - LEARNING_RATE * grad / math.sqrt(acc)
+
+    def _learn(self, req: Request) -> None:
+        now = self._clock
+        ghost = self._ghost
+        for b in req.hash_ids:
+            g = ghost.pop(b, None)
+            if g is not None:
+                g[0].reused += 1
+                self._gaps[g[2]][_age_bucket(now - g[1])] += 1.0
+        limit = now - self.horizon_requests
+        q = self._pending
+        while q and q[0].clock < limit:
+            s = q.popleft()
+            self._train(s)
+        # ghosts older than W are negatives for the reuse-age statistics
+        gq = self._ghost_q
+        while gq and gq[0][1] < limit:
+            b, t = gq.popleft()
+            g = ghost.get(b)
+            if g is not None and g[1] == t:
+                del ghost[b]
+                self._dropped[g[2]] += 1.0
+        if now % DECAY_EVERY_REQUESTS == 0:
+            for row in self._gaps:
+                row[:] = [c * 0.5 for c in row]
+            self._dropped = [c * 0.5 for c in self._dropped]
+        if now % REFRESH_EVERY_REQUESTS == 0:
+            self._density.clear()
+            self._tail.clear()
+
+    def _tail_tables(self, sb: int):
+        """For ages in each bucket: (S(a): share of reuses at or after it, E[gap - a | gap >= a])."""
+        t = self._tail.get(sb)
+        if t is None:
+            row = self._gaps[sb]
+            surv, resid = [0.0] * AGE_BUCKETS, [0.0] * AGE_BUCKETS
+            total = sum(row) + 1.0  # one prior reuse at the horizon's middle keeps unseen classes sane
+            later = 1.0
+            weighted = 1.0 * self.horizon_requests / 2
+            for k in range(AGE_BUCKETS - 1, -1, -1):
+                later += row[k]
+                weighted += row[k] * _bucket_mid(k)
+                surv[k] = later / total
+                resid[k] = weighted / later
+            t = self._tail[sb] = (surv, resid)
+        return t
+
+    def _hit_density(self, cohort, age: float) -> float:
+        k = _age_bucket(age)
+        key = (cohort, k)
+        v = self._density.get(key)
+        if v is None:
+            pq, sb = cohort
+            p = (pq + 0.5) / P_LEVELS
+            surv, resid = self._tail_tables(sb)
+            horizon = self.horizon_requests
+            mid = _bucket_mid(k)
+            ps = p * surv[k] if mid < horizon else 0.0
+            cost = ps * max(1.0, resid[k] - mid) + (1.0 - p) * max(1.0, horizon - mid)
+            v = self._density[key] = ps / cost
+        return v
+
+    # -- features -------------------------------------------------------------------------------------
+    def _request_features(self, req: Request, depth: int) -> tuple:
+        ids = req.hash_ids
+        s = self._sess.get(req.session_id)
+        turns, gap_s, mean_gap_s = 1, None, None
+        if s is not None:
+            turns = s[0] + 1
+            gap_s = (req.timestamp_ms - s[1]) / 1000.0
+            mean_gap_s = s[2]
+        new_share = (len(ids) - depth) / len(ids) if ids else 0.0
+        return (("bias",), ("turn", min(turns, 8)), ("size", _log2b(len(ids), 10)),
+                ("out", _log2b(req.output_length, 14)), ("new", round(4 * new_share)),
+                ("gap", -1 if gap_s is None else _log2b(gap_s, 14)),
+                ("mgap", -1 if mean_gap_s is None else _log2b(mean_gap_s, 14)))
+
+    def _group(self, req: Request, pos: int):
+        """(sample, cohort) for the block at pos: blocks of a request with equal features share both."""
+        ids = req.hash_ids
+        sb = min(self._seen.get(ids[pos], 0), 4)
+        role = 0 if pos == 0 else (2 if pos == len(ids) - 1 else 1)
+        key = (sb, role)
+        g = self._groups.get(key)
+        if g is None:
+            feats = self._req_feats + (("seen", sb), ("role", role), ("seen-role", sb, role))
+            s = _Sample(feats, self._clock)
+            self._pending.append(s)
+            pq = min(P_LEVELS - 1, int(self._predict(feats) * P_LEVELS))
+            g = self._groups[key] = (s, (pq, sb))
+        return g
+
+    # -- the Policy interface -------------------------------------------------------------------------
+    def contains(self, block):
+        return block in self._where
+
+    def __len__(self):
+        return len(self._where)
+
+    def begin_request(self, req):
+        self._clock = req.index if req.index >= 0 else self._clock + 1
+        self._learn(req)
+        ids = req.hash_ids
+        depth = 0
+        while depth < len(ids) and ids[depth] in self._seen:
+            depth += 1
+        self._req_feats = self._request_features(req, depth)
+        self._groups = {}
+        self._heads = None
+
+    def end_request(self, req, hits):
+        out = super().end_request(req, hits)
+        seen = self._seen
+        for b in req.hash_ids:
+            seen[b] = seen.get(b, 0) + 1
+        sid = req.session_id
+        if sid >= 0:
+            s = self._sess.get(sid)
+            if s is None:
+                self._sess[sid] = [1, req.timestamp_ms, None]
+            else:
+                gap_s = (req.timestamp_ms - s[1]) / 1000.0
+                s[2] = gap_s if s[2] is None else 0.5 * s[2] + 0.5 * gap_s
+                s[0] += 1
+                s[1] = req.timestamp_ms
+        admitted = sum(1 for b in req.hash_ids if b in self._where)
+        self._admit_rate = 0.99 * self._admit_rate + 0.01 * admitted
+        return out
+
+    def offer(self, block, req, pos, hit):
+        if pos < 0:  # a demotion without a request position: keep it as a once-seen history block
+            return self._admit(block, (P_LEVELS // 2, 1), self._clock)
+        sample, cohort = self._group(req, pos)
+        sample.n += 1
+        now = self._clock
+        self._ghost[block] = (sample, now, cohort[1])
+        self._ghost_q.append((block, now))
+        return self._admit(block, cohort, now)
+
+    def _admit(self, block, cohort, now) -> list[int]:
+        old = self._where.pop(block, None)
+        out = []
+        if old is None:
+            if self.capacity_blocks == 0:
+                return out
+            if len(self._where) >= self.capacity_blocks:
+                victim = self._victim(self._hit_density(cohort, 0))
+                if victim is None:
+                    return out  # declined: every resident candidate is worth more
+                self._drop(victim)
+                out.append(victim)
+        else:
+            del self._cohorts[old][block]
+        q = self._cohorts.get(cohort)
+        if q is None:
+            q = self._cohorts[cohort] = OrderedDict()
+        if not q and self._heads is not None:
+            heapq.heappush(self._heads, (self._hit_density(cohort, self._clock - now), block, cohort))
+        q[block] = now
+        self._where[block] = cohort
+        return out
+
+    def _victim(self, floor: float = float("inf")) -> int | None:
+        """The cohort head with the lowest hit density, if below floor.
+
+        Densities only change when the clock moves, so the heads are ranked once per request in a heap;
+        entries whose cohort head has changed since are stale and refreshed when they surface.
+        """
+        heap = self._heads
+        if heap is None:
+            now = self._clock
+            heap = self._heads = []
+            for cohort, q in self._cohorts.items():
+                if q:
+                    b, t = next(iter(q.items()))
+                    heap.append((self._hit_density(cohort, now - t), b, cohort))
+            heapq.heapify(heap)
+        cohorts = self._cohorts
+        while heap:
+            v, b, cohort = heap[0]
+            q = cohorts[cohort]
+            if q and next(iter(q)) == b:
+                return b if v < floor else None
+            heapq.heappop(heap)
+            if q:
+                hb, t = next(iter(q.items()))
+                heapq.heappush(heap, (self._hit_density(cohort, self._clock - t), hb, cohort))
+        return None
+
+    def _drop(self, block) -> None:
+        cohort = self._where.pop(block)
+        del self._cohorts[cohort][block]
+
+    def remove(self, block):
+        if block not in self._where:
+            return False
+        self._drop(block)
+        return True
+
+    def pop_victim(self):
+        v = self._victim()
+        if v is not None:
+            self._drop(v)
+        return v
+
+    def export_meta(self, block):
+        cohort = self._where.get(block)
+        return None if cohort is None else (cohort, self._cohorts[cohort][block])
+
+    def admit_demoted(self, block, meta, req=None) -> list[int]:
+        """Demoted, not dropped: the block keeps its cohort and age; the lowest-density block makes room."""
+        if isinstance(meta, tuple) and len(meta) == 2 and isinstance(meta[0], tuple) and len(meta[0]) == 2:
+            cohort, t = meta
+        else:  # no meta, or another policy's (the default hands every expert the density expert's)
+            cohort, t = (P_LEVELS // 2, 1), self._clock
+        out = []
+        if block not in self._where and len(self._where) >= self.capacity_blocks > 0:
+            victim = self._victim()
+            if victim is not None:
+                self._drop(victim)
+                out.append(victim)
+        return out + self._admit(block, cohort, t)
+
+    def explain(self, block):
+        d = super().explain(block)
+        cohort = self._where.get(block)
+        if cohort is None:
+            g = self._ghost.get(block)  # declined or evicted, but its request is still being watched
+            if g is not None:
+                d.update({"predicted_reuse_probability": round(self._predict(g[0].feats), 3),
+                          "times_seen_bucket": g[2], "age_requests": self._clock - g[1]})
+            return d
+        age = self._clock - self._cohorts[cohort][block]
+        d.update({"predicted_reuse_probability": round((cohort[0] + 0.5) / P_LEVELS, 3),
+                  "times_seen_bucket": cohort[1], "age_requests": age,
+                  "hit_density": self._hit_density(cohort, age),
+                  "horizon_requests": round(self.horizon_requests, 1)})
+        return d

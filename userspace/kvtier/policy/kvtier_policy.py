@@ -41,6 +41,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 
 from kvtier.policy.base import Policy
+from kvtier.policy.queues import ClassQueuePolicy
 from kvtier.policy.model import BlockType, Request, Session, SessionState, Transition
 
 AGE_BUCKETS = 24          # log2 buckets of age in requests
@@ -55,15 +56,13 @@ def _bucket(age: float) -> int:
     return min(AGE_BUCKETS - 1, int(age).bit_length())
 
 
-class HitDensityPolicy(Policy):
+class HitDensityPolicy(ClassQueuePolicy):
     """The learned expert: Beta-Bernoulli reuse probability / expected residency per block class."""
 
     name = "kvtier-density"
 
     def __init__(self, capacity_blocks: int):
-        super().__init__(capacity_blocks)
-        self._where: dict[int, tuple] = {}                    # resident block -> class
-        self._queues: dict[tuple, OrderedDict] = {}           # class -> block -> last offer (request clock)
+        super().__init__(capacity_blocks)                     # _where, _queues, _heads, _clock: see queues.py
         self._reused: dict[tuple, list[float]] = {}           # class -> reuse counts per age bucket
         self._dropped: dict[tuple, float] = {}                # class -> blocks not reused within W
         self._ghost: dict[int, tuple[tuple, int]] = {}        # block -> (class, clock) for the last W requests
@@ -72,7 +71,6 @@ class HitDensityPolicy(Policy):
         self._children: dict[int, int] = {}                   # block -> first child seen (-1: several)
         self._density: dict[tuple, float] = {}                # (class, bucket) -> cached hit density
         self._admit_rate = 16.0                               # EMA of admissions per request
-        self._clock = 0
         self._transition = Transition.FIRST
         self.sessions: dict[int, Session] = {}
         # Lower tiers of a stack see only demotions, so they score blocks with the first tier's statistics.
@@ -101,6 +99,13 @@ class HitDensityPolicy(Policy):
         p = later / total
         residency = (wait + dropped * max(1.0, horizon - age)) / total
         return p, residency
+
+    def _freshness(self):
+        # a lower tier of a stack scores with the top tier's statistics, which move with the top tier's clock
+        stamp = (self._clock, self.learner._clock)
+        if self.learner is not self and stamp != self._heads_stamp:
+            self._density.clear()
+        return stamp
 
     def _hit_density(self, cls, age: float) -> float:
         key = (cls, _bucket(age))
@@ -135,6 +140,7 @@ class HitDensityPolicy(Policy):
                 self._dropped[c] *= 0.5
         if now % REFRESH_EVERY_REQUESTS == 0:
             self._density.clear()
+        self._stale()   # the clock moved: every head's age did
 
     # -- classification ---------------------------------------------------------------------------
     def _classify(self, req: Request, pos: int, hit: bool) -> tuple:
@@ -151,12 +157,6 @@ class HitDensityPolicy(Policy):
         return (int(btype), int(self._transition) if TRANSITION_IN_CLASS else 0, min(self._seen.get(block, 0), 3))
 
     # -- the Policy interface ---------------------------------------------------------------------
-    def contains(self, block):
-        return block in self._where
-
-    def __len__(self):
-        return len(self._where)
-
     def begin_request(self, req):
         self._clock = req.index if req.index >= 0 else self._clock + 1
         self._learn(req)
@@ -201,55 +201,6 @@ class HitDensityPolicy(Policy):
         self._ghost[block] = (cls, now)
         self._ghost_q.append((block, now))
         return self._admit(block, cls, now)
-
-    def _admit(self, block, cls, now) -> list[int]:
-        old = self._where.pop(block, None)
-        out = []
-        if old is None:
-            if self.capacity_blocks == 0:
-                return out
-            if len(self._where) >= self.capacity_blocks:
-                victim = self._victim(self._hit_density(cls, 0))
-                if victim is None:
-                    return out  # declined: every candidate is worth more than this block
-                self._drop(victim)
-                out.append(victim)
-        else:
-            del self._queues[old][block]
-        q = self._queues.get(cls)
-        if q is None:
-            q = self._queues[cls] = OrderedDict()
-        q[block] = now
-        self._where[block] = cls
-        return out
-
-    def _victim(self, floor: float = float("inf")) -> int | None:
-        """The class-head block with the lowest hit density, if lower than floor."""
-        best, best_v = None, floor
-        now = self._clock
-        for cls, q in self._queues.items():
-            if q:
-                b, t = next(iter(q.items()))
-                v = self._hit_density(cls, now - t)
-                if v < best_v:
-                    best, best_v = b, v
-        return best
-
-    def _drop(self, block) -> None:
-        cls = self._where.pop(block)
-        del self._queues[cls][block]
-
-    def remove(self, block):
-        if block not in self._where:
-            return False
-        self._drop(block)
-        return True
-
-    def pop_victim(self):
-        v = self._victim()
-        if v is not None:
-            self._drop(v)
-        return v
 
     def export_meta(self, block):
         cls = self._where.get(block)

@@ -26,11 +26,10 @@ and an offered block whose density is below every head's is declined (admission 
 """
 from __future__ import annotations
 
-import heapq
 import math
-from collections import OrderedDict, deque
+from collections import deque
 
-from kvtier.policy.base import Policy
+from kvtier.policy.queues import ClassQueuePolicy
 from kvtier.policy.model import Request
 
 P_LEVELS = 32               # quantisation of the predicted probability into cohorts
@@ -66,7 +65,7 @@ class _Sample:
         self.feats, self.clock, self.n, self.reused = feats, clock, 0, 0
 
 
-class ReusePredictorPolicy(Policy):
+class ReusePredictorPolicy(ClassQueuePolicy):
     name = "kvtier-predict"
 
     def __init__(self, capacity_blocks: int):
@@ -80,13 +79,9 @@ class ReusePredictorPolicy(Policy):
         self._ghost_q: deque = deque()          # (block, clock) offers in order, to expire ghosts
         self._gaps = [[0.0] * AGE_BUCKETS for _ in range(5)]  # per seen bucket: reuses per age bucket
         self._dropped = [0.0] * 5               # per seen bucket: blocks not reused within W
-        self._where: dict[int, tuple] = {}      # resident block -> cohort
-        self._cohorts: dict[tuple, OrderedDict] = {}
         self._density: dict[tuple, float] = {}
         self._admit_rate = 16.0
-        self._clock = 0
         self._req_feats: tuple = ()
-        self._heads: list | None = None         # (density, head block, cohort), rebuilt each request
         self._groups: dict = {}                 # (seen bucket, role) -> (sample, p) for the current request
         self._tail: dict = {}                   # per seen bucket: cached S(a) and residual-gap tables
 
@@ -202,12 +197,6 @@ class ReusePredictorPolicy(Policy):
         return g
 
     # -- the Policy interface -------------------------------------------------------------------------
-    def contains(self, block):
-        return block in self._where
-
-    def __len__(self):
-        return len(self._where)
-
     def begin_request(self, req):
         self._clock = req.index if req.index >= 0 else self._clock + 1
         self._learn(req)
@@ -217,7 +206,7 @@ class ReusePredictorPolicy(Policy):
             depth += 1
         self._req_feats = self._request_features(req, depth)
         self._groups = {}
-        self._heads = None
+        self._stale()
 
     def end_request(self, req, hits):
         out = super().end_request(req, hits)
@@ -248,75 +237,9 @@ class ReusePredictorPolicy(Policy):
         self._ghost_q.append((block, now))
         return self._admit(block, cohort, now)
 
-    def _admit(self, block, cohort, now) -> list[int]:
-        old = self._where.pop(block, None)
-        out = []
-        if old is None:
-            if self.capacity_blocks == 0:
-                return out
-            if len(self._where) >= self.capacity_blocks:
-                victim = self._victim(self._hit_density(cohort, 0))
-                if victim is None:
-                    return out  # declined: every resident candidate is worth more
-                self._drop(victim)
-                out.append(victim)
-        else:
-            del self._cohorts[old][block]
-        q = self._cohorts.get(cohort)
-        if q is None:
-            q = self._cohorts[cohort] = OrderedDict()
-        if not q and self._heads is not None:
-            heapq.heappush(self._heads, (self._hit_density(cohort, self._clock - now), block, cohort))
-        q[block] = now
-        self._where[block] = cohort
-        return out
-
-    def _victim(self, floor: float = float("inf")) -> int | None:
-        """The cohort head with the lowest hit density, if below floor.
-
-        Densities only change when the clock moves, so the heads are ranked once per request in a heap;
-        entries whose cohort head has changed since are stale and refreshed when they surface.
-        """
-        heap = self._heads
-        if heap is None:
-            now = self._clock
-            heap = self._heads = []
-            for cohort, q in self._cohorts.items():
-                if q:
-                    b, t = next(iter(q.items()))
-                    heap.append((self._hit_density(cohort, now - t), b, cohort))
-            heapq.heapify(heap)
-        cohorts = self._cohorts
-        while heap:
-            v, b, cohort = heap[0]
-            q = cohorts[cohort]
-            if q and next(iter(q)) == b:
-                return b if v < floor else None
-            heapq.heappop(heap)
-            if q:
-                hb, t = next(iter(q.items()))
-                heapq.heappush(heap, (self._hit_density(cohort, self._clock - t), hb, cohort))
-        return None
-
-    def _drop(self, block) -> None:
-        cohort = self._where.pop(block)
-        del self._cohorts[cohort][block]
-
-    def remove(self, block):
-        if block not in self._where:
-            return False
-        self._drop(block)
-        return True
-
-    def pop_victim(self):
-        v = self._victim()
-        if v is not None:
-            self._drop(v)
-        return v
-
     def export_meta(self, block):
         cohort = self._where.get(block)
-        return None if cohort is None else (cohort, self._cohorts[cohort][block])
+        return None if cohort is None else (cohort, self._queues[cohort][block])
 
     def admit_demoted(self, block, meta, req=None) -> list[int]:
         """Demoted, not dropped: the block keeps its cohort and age; the lowest-density block makes room."""
@@ -341,7 +264,7 @@ class ReusePredictorPolicy(Policy):
                 d.update({"predicted_reuse_probability": round(self._predict(g[0].feats), 3),
                           "times_seen_bucket": g[2], "age_requests": self._clock - g[1]})
             return d
-        age = self._clock - self._cohorts[cohort][block]
+        age = self._clock - self._queues[cohort][block]
         d.update({"predicted_reuse_probability": round((cohort[0] + 0.5) / P_LEVELS, 3),
                   "times_seen_bucket": cohort[1], "age_requests": age,
                   "hit_density": self._hit_density(cohort, age),

@@ -1,0 +1,106 @@
+"""Class-queue bookkeeping shared by the learned experts (kvtier-density, kvtier-predict).
+
+Resident blocks sit in one insertion-ordered queue per class (block -> request clock of its last offer, oldest
+first). Within a class the oldest block has the lowest hit density, so only queue heads are eviction candidates:
+the head with the lowest density goes first, and a new block worth less than every head is declined (admission
+control). Densities change only when the clock moves or the model relearns, so the heads are ranked once per
+request in a heap (`_stale()` drops it); entries whose head has changed since are refreshed when they surface.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+
+from kvtier.policy.base import Policy
+
+
+class ClassQueuePolicy(Policy):
+    """Subclasses define `_hit_density(cls, age_requests)` and call `_stale()` whenever densities may change."""
+
+    def __init__(self, capacity_blocks: int):
+        super().__init__(capacity_blocks)
+        self._where: dict[int, tuple] = {}              # resident block -> class
+        self._queues: dict[tuple, OrderedDict] = {}     # class -> block -> clock of its last offer
+        self._heads: list | None = None                 # (density, head block, class), rebuilt each request
+        self._heads_stamp = None                        # _freshness() when the heap was built
+        self._clock = 0
+
+    def _hit_density(self, cls, age: float) -> float:
+        raise NotImplementedError
+
+    def _stale(self) -> None:
+        self._heads = None
+
+    def _freshness(self):
+        """Changes whenever densities may have: the heap is rebuilt when it does."""
+        return self._clock
+
+    def contains(self, block):
+        return block in self._where
+
+    def __len__(self):
+        return len(self._where)
+
+    def _admit(self, block, cls, now) -> list[int]:
+        old = self._where.pop(block, None)
+        out = []
+        if old is None:
+            if self.capacity_blocks == 0:
+                return out
+            if len(self._where) >= self.capacity_blocks:
+                victim = self._victim(self._hit_density(cls, 0))
+                if victim is None:
+                    return out  # declined: every resident candidate is worth more than this block
+                self._drop(victim)
+                out.append(victim)
+        else:
+            del self._queues[old][block]
+        q = self._queues.get(cls)
+        if q is None:
+            q = self._queues[cls] = OrderedDict()
+        if not q and self._heads is not None:
+            heapq.heappush(self._heads, (self._hit_density(cls, self._clock - now), block, cls))
+        q[block] = now
+        self._where[block] = cls
+        return out
+
+    def _victim(self, floor: float = float("inf")) -> int | None:
+        """The class head with the lowest hit density, if below floor."""
+        heap = self._heads
+        stamp = self._freshness()
+        if heap is None or stamp != self._heads_stamp:
+            self._heads_stamp = stamp
+            now = self._clock
+            heap = self._heads = []
+            for cls, q in self._queues.items():
+                if q:
+                    b, t = next(iter(q.items()))
+                    heap.append((self._hit_density(cls, now - t), b, cls))
+            heapq.heapify(heap)
+        queues = self._queues
+        while heap:
+            v, b, cls = heap[0]
+            q = queues[cls]
+            if q and next(iter(q)) == b:
+                return b if v < floor else None
+            heapq.heappop(heap)
+            if q:
+                hb, t = next(iter(q.items()))
+                heapq.heappush(heap, (self._hit_density(cls, self._clock - t), hb, cls))
+        return None
+
+    def _drop(self, block) -> None:
+        cls = self._where.pop(block)
+        del self._queues[cls][block]
+
+    def remove(self, block):
+        if block not in self._where:
+            return False
+        self._drop(block)
+        return True
+
+    def pop_victim(self):
+        v = self._victim()
+        if v is not None:
+            self._drop(v)
+        return v

@@ -211,13 +211,7 @@ class HitDensityPolicy(ClassQueuePolicy):
         if meta is None:
             meta = ((int(BlockType.HISTORY), int(Transition.CONTINUE), 1), self._clock)
         cls, t = meta
-        out = []
-        if block not in self._where and len(self._where) >= self.capacity_blocks > 0:
-            victim = self._victim()
-            if victim is not None:
-                self._drop(victim)
-                out.append(victim)
-        return out + self._admit(block, cls, t)
+        return self._admit_demoted(block, cls, t)
 
     # -- hints and introspection ------------------------------------------------------------------
     def session_hint(self, session_id, state, now_ms=0.0):

@@ -247,13 +247,7 @@ class ReusePredictorPolicy(ClassQueuePolicy):
             cohort, t = meta
         else:  # no meta, or another policy's (the default hands every expert the density expert's)
             cohort, t = (P_LEVELS // 2, 1), self._clock
-        out = []
-        if block not in self._where and len(self._where) >= self.capacity_blocks > 0:
-            victim = self._victim()
-            if victim is not None:
-                self._drop(victim)
-                out.append(victim)
-        return out + self._admit(block, cohort, t)
+        return self._admit_demoted(block, cohort, t)
 
     def explain(self, block):
         d = super().explain(block)

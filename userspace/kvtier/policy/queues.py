@@ -64,6 +64,17 @@ class ClassQueuePolicy(Policy):
         self._where[block] = cls
         return out
 
+    def _admit_demoted(self, block, cls, clock) -> list[int]:
+        """A block demoted from the tier above keeps its class and age and is never declined: the lowest-density
+        head makes room."""
+        out = []
+        if block not in self._where and len(self._where) >= self.capacity_blocks > 0:
+            victim = self._victim()
+            if victim is not None:
+                self._drop(victim)
+                out.append(victim)
+        return out + self._admit(block, cls, clock)
+
     def _victim(self, floor: float = float("inf")) -> int | None:
         """The class head with the lowest hit density, if below floor."""
         heap = self._heads

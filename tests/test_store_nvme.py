@@ -141,20 +141,25 @@ def test_torn_index_tail_ignored(store_dir):
         t.put(key(i), bytes([i]) * 10_000)
     t.close()
     log = os.path.join(store_dir, LOG_FILE)
-    size = os.path.getsize(log)
-    assert size == 5 * REC_BYTES
-    with open(log, "r+b") as f:  # the last record half-written, then garbage
-        f.truncate(size - REC_BYTES // 2)
+    with open(log, "rb") as f:
+        raw = f.read()
+    assert raw[5 * REC_BYTES:] == bytes(len(raw) - 5 * REC_BYTES) and len(raw) > 5 * REC_BYTES  # zero tail
+    with open(log, "r+b") as f:  # the last record half-written: its second half still zeros
+        f.seek(4 * REC_BYTES + REC_BYTES // 2)
+        f.write(bytes(REC_BYTES // 2))
     t = NvmeTier("nvme0", store_dir, 8 << 20)
     assert sorted(t.keys()) == [key(i) for i in range(4)]
     assert t.stats()["recovery_torn_records"] == 1
-    assert os.path.getsize(log) == 4 * REC_BYTES  # the torn tail was cut: new records follow good ones
+    with open(log, "rb") as f:  # the torn record was zeroed: new records follow good ones
+        assert f.read()[4 * REC_BYTES:] == bytes(len(raw) - 4 * REC_BYTES)
     t.put(key(9), b"after")
     t.close()
-    with open(log, "ab") as f:
+    with open(log, "r+b") as f:  # garbage right after the end
+        f.seek(5 * REC_BYTES)
         f.write(os.urandom(REC_BYTES))
     t = NvmeTier("nvme0", store_dir, 8 << 20)
     assert t.get(key(9)) == b"after" and t.get(key(3)) == b"\3" * 10_000
+    assert t.stats()["recovery_torn_records"] == 1 and len(t) == 5
     t.close()
 
 

@@ -55,7 +55,7 @@ def best(fn, repeat: int) -> float:
     return min(ts)
 
 
-def start_daemon(d: Path, dram: str, nvme: str, policy: str = "lru",
+def start_daemon(d: Path, dram: str, nvme: str, policy: str = "kvtier",
                  busy_poll_us: int | None = None, prefault: bool = False) -> tuple[subprocess.Popen, str]:
     cfg = d / "bench.toml"
     cfg.write_text(f"""
@@ -167,35 +167,38 @@ def bench_throughput(sock: str, max_mib: int, settle_s: float = 0.0) -> list[dic
 TARGET_US = 20.0   # the issue's per-operation overhead target for small blocks
 
 
-def round_trip_floor_us(n: int = 5000) -> float:
+def round_trip_floor_us(n: int = 5000, spin_s: float = 0.0, echo_spin_s: float = 0.0) -> float:
     """The transport alone: a 64-byte SOCK_SEQPACKET ping-pong between this process and a forked echo child,
-    the same kind of socket and wake-ups as one API call, with no kvtier code on either side."""
+    the same kind of socket and wake-ups as one API call, with no kvtier code on either side. Both ends spin
+    for a message as the client (spin_s) and the daemon (echo_spin_s, its busy_poll_us) do."""
     import socket
+    from kvtier.daemon.protocol import recv_reply
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         a.close()
         while True:
-            m = b.recv(256)
+            m, _, _ = recv_reply(b, echo_spin_s)
             if not m:
                 os._exit(0)
             b.send(m)
     b.close()
     msg = b"x" * 64
+    buf = bytearray(256)
     for _ in range(200):
         a.send(msg)
-        a.recv(256)
+        recv_reply(a, spin_s, buf)
     t = time.perf_counter()
     for _ in range(n):
         a.send(msg)
-        a.recv(256)
+        recv_reply(a, spin_s, buf)
     dt = (time.perf_counter() - t) / n
     a.close()
     os.waitpid(pid, 0)
     return dt * 1e6
 
 
-def bench_small(sock: str, client_spin_s: float | None = None) -> dict:
+def bench_small(sock: str, client_spin_s: float | None = None, daemon_spin_s: float = 500e-6) -> dict:
     with Client(sock, "bench", **({} if client_spin_s is None else {"busy_poll_s": client_spin_s})) as kv:
         payload = b"x" * 64
         n = 3000
@@ -228,7 +231,9 @@ def bench_small(sock: str, client_spin_s: float | None = None) -> dict:
             kv.get(None, [base + 100_000 + j + i for i in range(batch)])
         getb = (time.perf_counter() - t) / (n * 4)
         kv.delete([base + i for i in range(n)] + [base + 100_000 + i for i in range(n * 4)])
-    return {"round_trip_floor_us": round_trip_floor_us(), "put_us_per_op": put1 * 1e6, "put_pipelined_us_per_op": put_async * 1e6, "get_us_per_op": get1 * 1e6,
+        spin_us = kv.busy_poll_s * 1e6
+    floor = round_trip_floor_us(spin_s=spin_us / 1e6, echo_spin_s=daemon_spin_s)
+    return {"round_trip_floor_us": floor, "client_spin_us": spin_us, "put_us_per_op": put1 * 1e6, "put_pipelined_us_per_op": put_async * 1e6, "get_us_per_op": get1 * 1e6,
             "contains_us_per_op": cont1 * 1e6,
             "put_us_per_block_batch256": putb * 1e6, "get_us_per_block_batch256": getb * 1e6}
 
@@ -239,6 +244,21 @@ def dd(args: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def device_io(path: Path) -> tuple[int, int] | None:
+    """(write requests, flush requests) completed by the block device holding `path` (/sys/dev/block/M:m/stat
+    fields 5 and 16): a journal commit shows as extra writes, a plain fdatasync as one flush."""
+    st = os.stat(path)
+    try:
+        fields = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat").read_text().split()
+    except OSError:
+        return None
+    return (int(fields[4]), int(fields[15])) if len(fields) >= 16 else None
+
+
+def io_per_op(a, b, n: int) -> list[float] | None:
+    return None if a is None or b is None else [(y - x) / n for x, y in zip(a, b)]
+
+
 def bench_nvme(sock: str, d: Path, pid: int) -> list[dict]:
     rows = []
     with Client(sock, "bench") as kv:
@@ -246,11 +266,20 @@ def bench_nvme(sock: str, d: Path, pid: int) -> list[dict]:
             count = max(4, (128 << 20) // size)
             src = np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8)
             base = 30_000_000 + size
+            # first pass, then deleted: a fresh store grows its data file as it fills (a journal commit per
+            # growing put, once in the store's life); the timed pass is the steady state (overwrites)
+            t = time.perf_counter()
+            for i in range(count):
+                kv.put(None, [(base + i, "input", src)], durable=True)
+            first_s = (time.perf_counter() - t) / count
+            kv.delete([base + i for i in range(count)])
             kv.put(None, [(base - 1, "input", src)], durable=True)   # warm-up
+            f0 = device_io(d)
             t = time.perf_counter()
             for i in range(count):
                 kv.put(None, [(base + i, "input", src)], durable=True)
             spill_s = (time.perf_counter() - t) / count
+            f1 = device_io(d)
             # drop the memory copies (evict to NVMe: they are durable, so only the memory copy goes)
             for i in range(count):
                 for b in admin_call(sock, "blocks", tier="dram0", limit=50)["blocks"]:
@@ -266,12 +295,17 @@ def bench_nvme(sock: str, d: Path, pid: int) -> list[dict]:
             served = kv.last_served
             kv.delete([base - 1] + [base + i for i in range(count)])
             f = d / "nvme" / "dd.bin"
+            f2 = device_io(d)
             w = dd(["if=/dev/zero", f"of={f}", f"bs={size}", f"count={count}", "oflag=direct,dsync"]) / count
+            f3 = device_io(d)
             r = dd([f"if={f}", "of=/dev/null", f"bs={size}", f"count={count}", "iflag=direct"]) / count
             f.unlink()
             rows.append({"block_bytes": size, "spill_mbps": size / spill_s / 1e6, "dd_write_mbps": size / w / 1e6,
-                         "spill_ratio": w / spill_s, "fill_mbps": size / fill_s / 1e6, "dd_read_mbps": size / r / 1e6,
-                         "fill_ratio": r / fill_s, "fills": n_fill, "last_served_from": served})
+                         "spill_ratio": w / spill_s, "first_pass_spill_ratio": w / first_s,
+                         "fill_mbps": size / fill_s / 1e6, "dd_read_mbps": size / r / 1e6,
+                         "fill_ratio": r / fill_s, "fills": n_fill, "last_served_from": served,
+                         # device [writes, flushes] per op (the whole disk: others' I/O counts too)
+                         "spill_io_per_op": io_per_op(f0, f1, count), "dd_io_per_op": io_per_op(f2, f3, count)})
     return rows
 
 
@@ -305,6 +339,7 @@ def main() -> None:
     ap.add_argument("--cpu", type=int, default=None,
                     help="pin the daemon and this client to one CPU: on a VM, a wake-up across idle vCPUs costs "
                          "tens of microseconds of the hypervisor's, which this takes out of the small-op numbers")
+    ap.add_argument("--policy", default="kvtier", help="the daemon's policy (default: kvtier, the daemon's default)")
     ap.add_argument("--no-prefault", action="store_true",
                     help="do not prefault the DRAM arena (first puts then fault its pages in one by one)")
     args = ap.parse_args()
@@ -316,16 +351,17 @@ def main() -> None:
     result = {}
     try:
         # pinned to one CPU, a daemon that keeps polling after a reply only takes the CPU from the client
-        p, sock = start_daemon(d, dram=f"{max(512, 4 * args.max_mib)}MiB", nvme="2GiB",
+        p, sock = start_daemon(d, dram=f"{max(512, 4 * args.max_mib)}MiB", nvme="2GiB", policy=args.policy,
                                prefault=not args.no_prefault, busy_poll_us=0 if args.cpu is not None else None)
         try:
             result["throughput"] = bench_throughput(sock, args.max_mib, 0 if args.no_prefault else 2.0)
-            result["small"] = bench_small(sock)
+            result["small"] = bench_small(sock, daemon_spin_s=0 if args.cpu is not None else 500e-6)
             if not args.skip_nvme:
                 result["nvme"] = bench_nvme(sock, d, p.pid)
         finally:
             stop(p)
-        p, sock = start_daemon(d, dram=f"{max(256, args.keys * 64 // (1 << 20) * 2)}MiB", nvme="64MiB")
+        p, sock = start_daemon(d, dram=f"{max(256, args.keys * 64 // (1 << 20) * 2)}MiB", nvme="64MiB",
+                               policy=args.policy)
         try:
             result["contains"] = bench_contains(sock, p.pid, args.keys)
         finally:
@@ -354,7 +390,8 @@ def main() -> None:
           f"into a spare slot the previous put's reply handed out):")
     floor = s["round_trip_floor_us"]
     print(f"(transport floor, same run: a 64-byte SOCK_SEQPACKET round trip between two Python processes with no "
-          f"kvtier code = {floor:.1f} us; CPU pinned: {'no' if args.cpu is None else args.cpu})")
+          f"kvtier code = {floor:.1f} us; CPU pinned: {'no' if args.cpu is None else args.cpu}; client spin for a "
+          f"reply: {s['client_spin_us']:.0f} us; daemon policy: {args.policy})")
     rows = [["op", "one block per call, us", "over the floor, us", f"target {TARGET_US:.0f} us",
              "batch of 256, us/block", f"target {TARGET_US:.0f} us"]]
     for name, one, batch in (("put", "put_us_per_op", "put_us_per_block_batch256"),
@@ -367,13 +404,16 @@ def main() -> None:
                      ("met" if s[batch] < TARGET_US else "NOT met") if batch else "-"])
     print(table(rows, right={1, 2, 4}))
     if "nvme" in result:
-        rows = [["block", "spill MB/s", "dd write MB/s", "spill/dd", "fill MB/s", "dd read MB/s", "fill/dd"]]
+        rows = [["block", "spill MB/s", "dd write MB/s", "spill/dd", "1st pass", "fill MB/s", "dd read MB/s",
+                 "fill/dd", "dev writes+flushes/spill", "/dd write"]]
         for r in result["nvme"]:
+            io = ["-" if r[k] is None else "{:.1f}+{:.1f}".format(*r[k]) for k in ("spill_io_per_op", "dd_io_per_op")]
             rows.append([human_bytes(r["block_bytes"]), f"{r['spill_mbps']:.0f}", f"{r['dd_write_mbps']:.0f}",
-                         f"{r['spill_ratio']:.2f}", f"{r['fill_mbps']:.0f}", f"{r['dd_read_mbps']:.0f}",
-                         f"{r['fill_ratio']:.2f}"])
-        print("\nNVMe spill (durable put) and fill (get of an NVMe-only block) vs dd O_DIRECT (dsync writes):")
-        print(table(rows, right=set(range(1, 7))))
+                         f"{r['spill_ratio']:.2f}", f"{r['first_pass_spill_ratio']:.2f}", f"{r['fill_mbps']:.0f}",
+                         f"{r['dd_read_mbps']:.0f}", f"{r['fill_ratio']:.2f}", *io])
+        print("\nNVMe spill (durable put, steady state; 1st pass: the same puts once before, growing the data file\n"
+              "for the first size, as dd's new file grows) and fill (get of an NVMe-only block) vs dd O_DIRECT:")
+        print(table(rows, right=set(range(1, 10))))
     c = result["contains"]
     print(f"\ncontains at {c['stored_blocks']:,} stored blocks: {c['contains_per_s']:,.0f} lookups/s "
           f"(batches of 4096); daemon memory per stored block: {c['anon_bytes_per_block']:.0f} B anonymous "

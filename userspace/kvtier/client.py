@@ -73,9 +73,10 @@ def _layout(layout, data, nbytes: int):
 
 class Client:
     def __init__(self, socket_path: str, tenant: str, timeout_s: float = 30.0,
-                 busy_poll_s: float = protocol.BUSY_POLL_S):
+                 busy_poll_s: float | None = None):
         self.socket_path = socket_path
-        self.busy_poll_s = busy_poll_s   # spin this long for a reply before sleeping (0: never spin)
+        # spin this long for a reply before sleeping (0: never spin; None: protocol.default_spin_s())
+        self.busy_poll_s = protocol.default_spin_s() if busy_poll_s is None else busy_poll_s
         self.tenant = tenant
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         protocol.set_timeouts(self.sock, timeout_s)   # kernel timeouts: no poll() before every send/recv

@@ -155,6 +155,11 @@ class Engine:
         self.policy_name = cfg.policy
         self.policies = self._make_policies(cfg.policy)
         self.cluster = None   # kvtier.daemon.cluster_link.ClusterLink: the Mooncake tier below, when configured
+        # The server sets defer_policy: the policy's bookkeeping of a put or a memory hit (and a cluster publish)
+        # then runs right after the reply is sent (run_deferred), not while the client waits for it. Nothing
+        # else runs in between, so the policy sees the same events in the same order.
+        self.defer_policy = False
+        self._deferred: deque = deque()
         self.gpu = None       # kvtier.cuda.placement.GpuPlacement: hooks for GPU tiers (first tiers), when any
         if any(t.kind == "gpu" for t in tiers):
             from kvtier.cuda.placement import GpuPlacement
@@ -792,25 +797,46 @@ class Engine:
                 s.blocks.add(key)
             blocks.append(b)
         self.counters["puts"] += len(blocks)
-        if self.cluster is not None:
-            self.cluster.on_put(blocks)
         if self.metrics is not None:
             self.metrics.bytes_put(sum(b.nbytes for b in blocks))
-        req = self._request(sid or 0, tenant, blocks)
-        self.policies[0].begin_request(req)
-        for pos, b in enumerate(blocks):
-            if s is not None and s.state == "decoding":
+        decoding = s is not None and s.state == "decoding"
+        for b in blocks:
+            if decoding:   # pinned now, not after the reply: a decoding session's blocks are never victims
                 b.pins += 1
-                b.out_of_policy = True
-                continue
-            if b.tier == 0:
-                self._admit(0, b, lambda p: p.offer(b.bid, req, pos, False))
-            else:
-                self._admit(b.tier, b, lambda p: p.admit_demoted(b.bid, None))
+            b.out_of_policy = True   # until the policy has seen it (run_deferred)
+        self._policy_work(lambda: self._admit_put(sid, tenant, blocks))
         if failure is not None:
             raise err(failure.errno or errno.EIO, f"write-through to NVMe failed after {len(blocks)} of "
                                                   f"{len(staged)} blocks: {failure.strerror or failure}")
         return len(blocks)
+
+    def _admit_put(self, sid, tenant: str, blocks: list) -> None:
+        if self.cluster is not None:
+            self.cluster.on_put(blocks)
+        req = self._request(sid or 0, tenant, blocks)
+        self.policies[0].begin_request(req)
+        for pos, b in enumerate(blocks):
+            if b.pins or self.blocks.get(b.key) is not b:
+                continue   # pinned (decoding): out of policy until unpinned
+            if b.tier == 0:
+                self._admit(0, b, lambda p: p.offer(b.bid, req, pos, False))
+            else:
+                self._admit(b.tier, b, lambda p: p.admit_demoted(b.bid, None))
+
+    def _policy_work(self, fn) -> None:
+        if self.defer_policy:
+            self._deferred.append(fn)
+        else:
+            fn()
+
+    def run_deferred(self) -> None:
+        """The policy work of the last request, after its reply went out (see defer_policy)."""
+        while self._deferred:
+            fn = self._deferred.popleft()
+            try:
+                fn()
+            except Exception:   # the request was answered already: log it, keep the rest in order
+                log.exception("deferred policy work")
 
     def _spill_many(self, staged: list) -> bool:
         """Write a durable batch through to NVMe as one group commit (one data and one index fdatasync);
@@ -849,7 +875,11 @@ class Engine:
             b = self._known(b)
             found.append(b if b is not None and b.tenant == tenant else None)
         req = self._request(sid or 0, tenant, [b for b in found if b is not None])
-        self.policies[0].begin_request(req)
+        # every block already in the first tier (nothing to promote): the policy sees the hits after the reply
+        hits = [] if self.defer_policy and self.gpu is None and self.cluster is None and \
+            all(b is None or b.tier == 0 for b in found) else None
+        if hits is None:
+            self.policies[0].begin_request(req)
         lease = next(self._ids)
         held, slots, served = [], [], []
         pos = 0
@@ -893,12 +923,10 @@ class Engine:
             b.leases += 1
             held.append(b)
             if not b.pins:
-                if src == 0 and self.policies[0].contains(b.bid):
-                    self.policies[0].on_hit(b.bid, req, pos)
-                if b.tier == 0:
-                    self._admit(0, b, lambda p: p.offer(b.bid, req, pos, True))
-                elif b.tier != src:
-                    self._admit(b.tier, b, lambda p: p.admit_demoted(b.bid, None))
+                if hits is not None:
+                    hits.append((b, pos))
+                else:
+                    self._account_hit(b, src, req, pos)
             pos += 1
             if self.gpu is not None and b.tier in self.gpu.tiers:
                 t_slot, slot = self.gpu.stage(b, lease)   # a host copy: clients cannot map GPU memory
@@ -913,7 +941,23 @@ class Engine:
                           else self.tiers[src].name)
         if held:
             self.leases[lease] = held
+        if hits is not None:
+            self._deferred.append(lambda: self._account_hits(req, hits))
         return lease, slots, served
+
+    def _account_hit(self, b: Block, src: int, req, pos: int) -> None:
+        if src == 0 and self.policies[0].contains(b.bid):
+            self.policies[0].on_hit(b.bid, req, pos)
+        if b.tier == 0:
+            self._admit(0, b, lambda p: p.offer(b.bid, req, pos, True))
+        elif b.tier != src:
+            self._admit(b.tier, b, lambda p: p.admit_demoted(b.bid, None))
+
+    def _account_hits(self, req, hits: list) -> None:
+        self.policies[0].begin_request(req)
+        for b, pos in hits:
+            if self.blocks.get(b.key) is b and not b.pins and b.tier == 0:
+                self._account_hit(b, 0, req, pos)
 
     def release(self, lease: int) -> None:
         if self.gpu is not None:

@@ -6,11 +6,12 @@ message (SCM_RIGHTS, how the client receives the daemon's memfd arenas), and SO_
 
 Latency: waking a process blocked in the kernel costs 50-100 µs on some virtual machines, more than the op
 itself. So the daemon keeps polling (epoll with timeout 0) for busy_poll_us after serving a request, and a
-client may spin on a non-blocking receive for up to busy_poll_s before blocking (Client(busy_poll_s=...)).
-The client's default is not to spin (BUSY_POLL_S = 0): on a 2-core machine shared with other work, both ends
-spinning took a small op from ~25 to ~80-700 µs (each spinner takes the core the other needs); spin on the
-client only with a core to spare for it. Cost of the daemon's spin: one core for that window while requests
-keep coming; nothing when idle.
+client spins on a non-blocking receive for up to busy_poll_s before blocking (Client(busy_poll_s=...)).
+The client's default (default_spin_s) spins BUSY_POLL_S = 50 µs, about one reply of a small op, when the
+process may run on two or more CPUs, and not at all on one (a spinner there only delays the daemon it waits
+for). Short on purpose: on a 2-core machine shared with other work, a client spinning for hundreds of µs beside
+the daemon's own spin took a small op from ~25 to ~80-700 µs (each spinner takes the core the other needs).
+Cost of the daemon's spin: one core for that window while requests keep coming; nothing when idle.
 Sockets are in blocking mode with kernel timeouts (SO_RCVTIMEO/SO_SNDTIMEO, set_timeouts) rather than
 Python's settimeout(): with a Python timeout every send and recv first calls poll(), and a MSG_DONTWAIT
 receive blocks in that poll, so the client's spin slept and the daemon's send paid for waking it up
@@ -68,6 +69,7 @@ from __future__ import annotations
 
 import array
 import errno
+import os
 import socket
 import struct
 import time
@@ -75,7 +77,7 @@ import time
 import msgpack
 
 VERSION = 1
-BUSY_POLL_S = 0.0   # see Latency above
+BUSY_POLL_S = 50e-6   # a client's spin for a reply when it has a CPU to spare (see Latency above)
 MAX_MESSAGE_BYTES = 192 << 10   # under the default net.core.wmem_max (208 KiB): a datagram must fit
 MAX_FDS = 64
 
@@ -123,7 +125,15 @@ def new_buffer() -> bytearray:
     return bytearray(MAX_MESSAGE_BYTES + 1)
 
 
-def recv_reply(sock: socket.socket, spin_s: float = BUSY_POLL_S, buf: bytearray | None = None):
+def default_spin_s() -> float:
+    """BUSY_POLL_S when this process may run on two or more CPUs, else 0 (see Latency above)."""
+    try:
+        return BUSY_POLL_S if len(os.sched_getaffinity(0)) >= 2 else 0.0
+    except OSError:
+        return 0.0
+
+
+def recv_reply(sock: socket.socket, spin_s: float = 0.0, buf: bytearray | None = None):
     """recv() after spinning up to spin_s on a non-blocking receive (see Latency above)."""
     if spin_s > 0:
         deadline = time.perf_counter() + spin_s

@@ -104,6 +104,7 @@ class Server:
         self.metrics = metrics
         self.tiers = build_tiers(cfg)
         self.engine = Engine(cfg, self.tiers, metrics)
+        self.engine.defer_policy = True   # policy bookkeeping after the reply: see Engine.run_deferred
         from kvtier.daemon.heat import Heat   # eBPF access heat: loads in the background, optional
         self.heat = Heat(self.engine, getattr(cfg, "probes", None))
         self.heat.start()
@@ -364,10 +365,10 @@ class Server:
             reply, fds = {"ok": False, "errno": errno.EIO, "error": f"internal error: {e}"}, []
         if self.metrics is not None and isinstance(op, str) and op in self._ops:
             self.metrics.observe(op, time.perf_counter() - t0)
-        if rid is None and reply["ok"]:
-            return   # fire-and-forget (release)
-        reply["id"] = rid if isinstance(rid, int) else 0
-        self._reply(conn, reply, fds)
+        if rid is not None or not reply["ok"]:   # else fire-and-forget (release): no reply
+            reply["id"] = rid if isinstance(rid, int) else 0
+            self._reply(conn, reply, fds)
+        self.engine.run_deferred()   # the policy's part of a put or hit, off the client's wait
 
     def _reply(self, conn, reply, fds=()) -> None:
         try:

@@ -370,9 +370,7 @@ class NvmeTier(Tier):
             log_end = len(payload)
             size = (log_end // LOG_STEP_BYTES + 1) * LOG_STEP_BYTES
             payload += bytes(size - log_end)   # pre-extended like the live log
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view):]
+            self._pwrite_all(fd, payload, 0)
             os.fsync(fd)
         except BaseException:
             os.close(fd)

@@ -27,13 +27,34 @@ import numpy as np
 from kvtier.daemon import protocol
 from kvtier.errors import InputError
 
+try:
+    from kvtier._native import ffi as _ffi, lib as _lib
+except ImportError:   # not built (a source tree without the extension): plain copies
+    _ffi = _lib = None
+
 BLOCK_TYPES = ("prefix", "history", "input", "tail")
 LOOKUP_BATCH = 4096   # hashes per message: well under protocol.MAX_MESSAGE_BYTES
 PUT_BATCH = 2048      # blocks per put message
+STAGE_MIN_BYTES = 1 << 20   # puts this big are staged: sent before the copy, committed after it (~12 µs less)
+NT_COPY_MIN_BYTES = 8 << 20   # blocks this big are copied with non-temporal stores (copy_block)
 
 
 class DaemonError(OSError):
     """kvtierd refused or failed a request (errno tells which)."""
+
+
+def copy_block(dst: memoryview, src: memoryview) -> None:
+    """dst[:] = src, with non-temporal stores from NT_COPY_MIN_BYTES up (kvt_copy_nt). Measured here (2026-11-22)
+    into destinations not in cache: 8 MiB at ~40 GB/s against ~27 for memcpy, 64 MiB at ~25 against ~18. Through
+    the API, where a put often reuses the slot just freed: equal at 8 MiB, 1.3-1.6x faster at 16-64 MiB, and
+    slower at 4 MiB, whose destination tends to be cached; hence the threshold."""
+    n = src.nbytes
+    if n < NT_COPY_MIN_BYTES or _lib is None:
+        dst[:] = src
+        return
+    if dst.nbytes != n:
+        raise ValueError(f"copy of {n} bytes into {dst.nbytes}")
+    _lib.kvt_copy_nt(_ffi.from_buffer(dst, require_writable=True), _ffi.from_buffer(src), n)
 
 
 def _meta(data) -> tuple[memoryview, object]:
@@ -288,7 +309,7 @@ class Client:
         try:
             for slot, mv in zip(reply["slots"], views):
                 if slot is not None:
-                    self._view(slot[0], slot[1], slot[2])[:] = mv
+                    copy_block(self._view(slot[0], slot[1], slot[2]), mv)
         except BaseException:
             self._call("abort", txn=reply["txn"])
             raise
@@ -317,18 +338,7 @@ class Client:
         if self._unacked and not all(len(pool.get(n, ())) >= k for n, k in need.items()):
             self._collect_commits()   # the spares of pipelined puts come with their replies
         spared = all(len(pool.get(n, ())) >= k for n, k in need.items())
-        if spared:
-            used = []
-            try:
-                for it, mv in zip(items, views):
-                    sp = pool[it[2]].pop()
-                    used.append(sp)
-                    self._view(sp[1], sp[2], sp[3])[:] = mv
-                    it[:] = [it[0], it[1], it[2], it[3], it[4] if len(it) == 5 else None, sp[:3]]
-            except BaseException:
-                for sp in used:
-                    pool[sp[3]].append(sp)
-                raise
+        used = [pool[it[2]].pop() for it in items] if spared else []
         # pipelined (wait=False): this reply is read after the next put is sent, so hold two sets of spares
         want, drop = self._want(need, 1 if wait else 2)
         fields = {**fields, "want": want}
@@ -337,10 +347,29 @@ class Client:
         if not spared:
             return self._reserve_copy_commit(fields, views, wait)
         fields["spared"] = True
+        for it, sp in zip(items, used):
+            it[:] = [it[0], it[1], it[2], it[3], it[4] if len(it) == 5 else None, sp[:3]]
+        # Big puts are staged: the put goes out before the copy (no reply), so the daemon checks and books
+        # it while the bytes are copied, and the commit after the copy only makes the blocks visible.
+        staged = sum(it[2] for it in items) >= STAGE_MIN_BYTES
+        if staged:
+            self._id += 1
+            protocol.send(self.sock, {**fields, "op": "put", "stage": True})
+        try:
+            for sp, mv in zip(used, views):
+                copy_block(self._view(sp[1], sp[2], sp[3]), mv)
+        except BaseException:
+            if staged:   # the daemon frees the staged slots and the spares the put named
+                self._call("abort", staged=True)
+            else:
+                for sp in used:
+                    pool[sp[3]].append(sp)
+            raise
+        op, fields = ("commit", {"staged": True}) if staged else ("put", fields)
         if not wait:
-            self._send_nowait("put", **fields)
+            self._send_nowait(op, **fields)
             return 0
-        return self._call("put", **fields)["stored"]   # a refused put: the daemon frees the spares it named
+        return self._call(op, **fields)["stored"]   # a refused put: the daemon frees the spares it named
 
     def get(self, session: int | None, hashes, out=None):
         """Blocks by prefix hash: a numpy array per hit (dtype/shape as put; uint8 for bytes), None per miss.
@@ -366,12 +395,12 @@ class Client:
                 src = self._view(slot[0], slot[1], slot[2])
                 if out is not None:
                     dst = memoryview(out[i]).cast("B")
-                    dst[:slot[2]] = src
+                    copy_block(dst[:slot[2]], src)
                     result.append(out[i])
                     continue
                 meta = slot[3]
                 a = np.empty(slot[2], dtype=np.uint8)
-                a[:] = np.frombuffer(src, dtype=np.uint8)
+                copy_block(memoryview(a), src)
                 if meta:
                     a = a.view(np.dtype(meta[0])).reshape(meta[1])
                 result.append(a)

@@ -129,6 +129,7 @@ class Session:
 class Engine:
     def __init__(self, cfg, tiers: list, metrics=None):
         self.cfg = cfg
+        self.salts: dict[str, bytes] = {}   # tenant -> salt (salt())
         self.tiers = tiers
         self.metrics = metrics
         self.nvme = tiers[-1] if tiers[-1].kind == "nvme" else None
@@ -168,6 +169,16 @@ class Engine:
             self._recover_nvme()
 
     # -- set-up ------------------------------------------------------------------------------------
+    def salt(self, tenant: str) -> bytes:
+        """The tenant's key salt, cached: an unconfigured tenant's config is built on every cfg.tenant() call.
+        The server clears the cache when a reload changes the tenants."""
+        s = self.salts.get(tenant)
+        if s is None:
+            s = self.cfg.tenant(tenant).salt
+            if len(self.salts) < 1 << 16:
+                self.salts[tenant] = s
+        return s
+
     def _capacity_blocks(self, t: int) -> int:
         return max(1, self.limit_bytes[t] // self.cfg.nominal_block_bytes)
 
@@ -539,7 +550,7 @@ class Engine:
             raise err(errno.EINVAL, f"unknown session state {state!r}; valid: {', '.join(STATES)}")
         if block_types is not None:
             for key_hash, btype in block_types:
-                b = self.blocks.get(derive_key(self.cfg.tenant(tenant).salt, key_hash))
+                b = self.blocks.get(derive_key(self.salt(tenant), key_hash))
                 if b is not None and b.tenant == tenant:
                     b.btype = BLOCK_TYPES.get(btype, btype) if isinstance(btype, str) else int(btype)
         was = s.state
@@ -588,7 +599,7 @@ class Engine:
 
     def put_reserve(self, tenant: str, sid, items: list, durable: bool) -> tuple[int, list]:
         s = self._session(tenant, sid)
-        salt = self.cfg.tenant(tenant).salt
+        salt = self.salt(tenant)
         txn = next(self._ids)
         slots, staged, staged_keys = [], [], set()
         try:
@@ -710,8 +721,17 @@ class Engine:
         """Commit blocks the client wrote into its spare slots: items [hash, type, nbytes, meta, layout|None,
         [spare, arena, offset]]. Every item is checked before anything changes; a bad one fails the whole put
         (EINVAL) and leaves the spares as they were."""
+        txn, _ = self.put_spare_stage(tenant, sid, items, durable, owner, keep_duplicates=False)
+        return self.put_commit(txn) if txn else 0
+
+    def put_spare_stage(self, tenant: str, sid, items: list, durable: bool, owner: dict,
+                        keep_duplicates: bool = True) -> tuple[int, list]:
+        """put_spare up to the commit: (txn, 0 if nothing to commit; spares of duplicates). A staged put is
+        sent before the client copies (see the server's staged put), so a duplicate's spare stays this
+        connection's until the commit: freed now, it could be handed out again while the client still
+        writes into it. Its keys are pending, so a concurrent put of the same key deduplicates against it."""
         s = self._session(tenant, sid)
-        salt = self.cfg.tenant(tenant).salt
+        salt = self.salt(tenant)
         checked, seen = [], set()
         for item in items:
             if not isinstance(item, (list, tuple)) or len(item) != 6:
@@ -734,15 +754,17 @@ class Engine:
                                         f"the slot it was given ([{info[3]}, {info[4]}, {info[2]}])")
             seen.add(spare)
             checked.append((derive_key(salt, h), btype, nbytes, meta, layout, spare))
-        txn = next(self._ids)
-        staged, staged_keys = [], set()
+        staged, staged_keys, duplicates = [], set(), []
         for key, btype, nbytes, meta, layout, spare in checked:
             old = self.blocks.get(key)
             if old is not None or key in self.pending_keys or key in staged_keys:
                 if old is not None and s is not None:
                     self._attach(s, old)
                 self.counters["dedup_puts"] += 1
-                self.spare_free(owner, spare)   # the client's copy is discarded
+                if keep_duplicates:
+                    duplicates.append(spare)
+                else:
+                    self.spare_free(owner, spare)   # the client's copy is discarded
                 continue
             t, pkey, _, _, _ = owner.pop(spare)
             self.tiers[t].rename_reserved(pkey, key)   # the placeholder becomes the block's slot
@@ -751,9 +773,13 @@ class Engine:
             staged.append((key, nb))
             staged_keys.add(key)
         if not staged:
-            return 0
+            return 0, duplicates
+        txn = next(self._ids)
         self.pending[txn] = (tenant, sid, staged, durable)
-        return self.put_commit(txn)
+        if keep_duplicates:
+            for key in staged_keys:
+                self.pending_keys[key] = txn
+        return txn, duplicates
 
     def put_abort(self, txn: int) -> None:
         _, _, staged, _ = self.pending.pop(txn)
@@ -864,7 +890,7 @@ class Engine:
 
     def get(self, tenant: str, sid, hashes: list) -> tuple[int, list, list]:
         s = self._session(tenant, sid)
-        salt = self.cfg.tenant(tenant).salt
+        salt = self.salt(tenant)
         found = []
         if self.cluster is not None:
             self.cluster.begin_get()
@@ -968,7 +994,7 @@ class Engine:
                 self._put_back(b)
 
     def contains(self, tenant: str, hashes: list) -> list:
-        salt = self.cfg.tenant(tenant).salt
+        salt = self.salt(tenant)
         out = []
         for h in hashes:
             b = self.blocks.get(derive_key(salt, h))
@@ -981,7 +1007,7 @@ class Engine:
         return out
 
     def delete(self, tenant: str, hashes: list) -> int:
-        salt = self.cfg.tenant(tenant).salt
+        salt = self.salt(tenant)
         n = 0
         for h in hashes:
             b = self.blocks.get(derive_key(salt, h))

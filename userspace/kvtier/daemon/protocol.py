@@ -43,9 +43,16 @@ Ops (fields; reply fields):
                    freed), then commits as `commit` does (dedup frees the slot). "want" asks for spares for the
                    next put (taken from free room only, never by eviction, up to half the smallest memory tier
                    per connection); "drop" gives spares back. hello's reply says spare_slots: true.
+  put (staged)     as the spared put, plus stage: true, sent WITHOUT id (no reply) BEFORE the client copies: the
+                   daemon checks and books it while the bytes are copied. The next message on the connection
+                   must be "commit" or "abort" with staged: true; anything else aborts the staged put. Until its
+                   commit the blocks are invisible (their keys are pending: a racing put of one deduplicates)
+                   and every spare it names stays the connection's, even a duplicate's, since the client may
+                   still be writing into it. A staged put the daemon refuses is reported by its commit.
   spare            want? [nbytes], drop? [spare]   -> spares
-  commit           txn                             -> stored (acknowledged: see durability in engine.py)
-  abort            txn
+  commit           txn | staged: true              -> stored (acknowledged: see durability in engine.py);
+                                                      a staged commit also returns the spares its put wanted
+  abort            txn | staged: true
   get              session?, blocks [hash]          -> lease, slots [[arena, off, n, meta]|None], tiers
   release          lease                           (no reply when sent without id)
   contains         blocks [hash]                   -> tiers [name|None]

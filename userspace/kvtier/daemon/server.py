@@ -87,7 +87,7 @@ def build_tiers(cfg) -> list:
 
 
 class Connection:
-    __slots__ = ("sock", "uid", "gid", "pid", "tenant", "txns", "leases", "groups", "refused", "spares")
+    __slots__ = ("sock", "uid", "gid", "pid", "tenant", "txns", "leases", "groups", "refused", "spares", "staged")
 
     def __init__(self, sock, uid, gid, pid, groups):
         self.sock, self.uid, self.gid, self.pid, self.groups = sock, uid, gid, pid, groups
@@ -95,6 +95,7 @@ class Connection:
         self.txns: set[int] = set()
         self.leases: set[int] = set()
         self.spares: dict[int, tuple] = {}   # spare slots this client may fill (engine.spare_reserve)
+        self.staged = None   # a staged put waiting for its commit: (txn, spares to free at commit, reply | error)
 
 
 class Server:
@@ -273,6 +274,7 @@ class Server:
             log.error("reload failed, keeping the old config: %s", e)
             return
         self.cfg.tenants = new.tenants
+        self.engine.salts.clear()
         self.cfg.admin_uids, self.cfg.admin_gids = new.admin_uids, new.admin_gids
         self.cfg.min_block_bytes, self.cfg.max_block_bytes = new.min_block_bytes, new.max_block_bytes
         self.cfg.nominal_block_bytes = new.nominal_block_bytes
@@ -304,6 +306,7 @@ class Server:
         self.sel.register(sock, selectors.EVENT_READ, conn)
 
     def _close(self, conn: Connection) -> None:
+        self._drop_staged(conn)
         for txn in list(conn.txns):
             try:
                 self.engine.put_abort(txn)
@@ -352,6 +355,8 @@ class Server:
             handler = self._ops.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise OSError(errno.EINVAL, f"unknown op {op!r}")
+            if conn.staged is not None and op != "commit" and op != "abort":
+                self._drop_staged(conn)   # a staged put is followed by its commit or abort, nothing else
             reply, fds = handler(conn, msg)
             reply["ok"] = True
         except OSError as e:
@@ -487,7 +492,76 @@ class Server:
         self._spares(conn, msg, reply)
         return reply, []
 
+    def _drop_staged(self, conn) -> None:
+        """Abort a staged put: its slots and the spares it named go back."""
+        staged, conn.staged = conn.staged, None
+        if staged is None:
+            return
+        txn, spares, _ = staged
+        if txn:
+            conn.txns.discard(txn)
+            self.engine.put_abort(txn)
+        for sid in spares:
+            if sid in conn.spares:
+                self.engine.spare_free(conn.spares, sid)
+
+    def _stage_put(self, conn, tenant, blocks, msg) -> None:
+        """A staged put (stage: true, sent without id, before the client copies): the checks, renames and
+        next spares happen while the client copies; its commit (staged: true) only makes the blocks visible.
+        A failure is kept for the commit's reply. The spares it names stay this connection's until then:
+        the client may still be writing into them."""
+        if conn.staged is not None:
+            self._drop_staged(conn)
+        named = []
+        for item in blocks:
+            where = item[-1] if isinstance(item, list) and item else None
+            sid = where[0] if isinstance(where, list) and where else None
+            if isinstance(sid, int) and not isinstance(sid, bool) and sid in conn.spares:
+                named.append(sid)
+        try:
+            self._spares(conn, {"drop": msg.get("drop")}, {})
+            txn, duplicates = self.engine.put_spare_stage(tenant, self._int(msg, "session", True), blocks,
+                                                          bool(msg.get("durable", False)), conn.spares)
+        except (OSError, ValueError, TypeError, KeyError, OverflowError, IndexError) as e:
+            conn.staged = (0, named, e)
+            return
+        if txn:
+            conn.txns.add(txn)
+        reply = {}
+        try:
+            self._spares(conn, {"want": msg.get("want")}, reply)
+        except OSError:
+            pass   # spares are an optimisation: the put itself stands
+        conn.staged = (txn, duplicates, reply)
+
+    def _commit_staged(self, conn) -> dict:
+        staged, conn.staged = conn.staged, None
+        if staged is None:
+            raise OSError(errno.ENOENT, "no staged put on this connection")
+        txn, spares, reply = staged
+        for sid in spares:   # duplicates' spares, or every named spare of a refused put
+            if sid in conn.spares:
+                self.engine.spare_free(conn.spares, sid)
+        if isinstance(reply, BaseException):
+            raise reply
+        if txn:
+            conn.txns.discard(txn)
+            reply["stored"] = self.engine.put_commit(txn)
+        else:
+            reply["stored"] = 0
+        reply["txn"] = 0
+        return reply
+
     def op_put(self, conn, msg):
+        if msg.get("stage") and msg.get("spared"):
+            try:
+                tenant, blocks = self._tenant(conn), self._list(msg, "blocks")
+            except OSError as e:   # sent without id: the failure is the commit's to report
+                self._drop_staged(conn)
+                conn.staged = (0, [], e)
+            else:
+                self._stage_put(conn, tenant, blocks, msg)
+            return {}, []
         tenant = self._tenant(conn)
         blocks = self._list(msg, "blocks")
         if msg.get("spared"):
@@ -521,6 +595,8 @@ class Server:
         return reply, []
 
     def op_commit(self, conn, msg):
+        if msg.get("staged"):
+            return self._commit_staged(conn), []
         txn = self._int(msg, "txn")
         if txn not in conn.txns:
             raise OSError(errno.ENOENT, f"no open put {txn} on this connection")
@@ -528,6 +604,11 @@ class Server:
         return {"stored": self.engine.put_commit(txn)}, []
 
     def op_abort(self, conn, msg):
+        if msg.get("staged"):
+            if conn.staged is None:
+                raise OSError(errno.ENOENT, "no staged put on this connection")
+            self._drop_staged(conn)
+            return {}, []
         txn = self._int(msg, "txn")
         if txn not in conn.txns:
             raise OSError(errno.ENOENT, f"no open put {txn} on this connection")
@@ -737,7 +818,7 @@ class Server:
         """An engine's anonymous KV memory (its own address space): faults there count as heat of the blocks
         named by `blocks` (prefix hashes, block i at address + i * block_bytes; None for a hole)."""
         from kvtier.daemon.engine import derive_key
-        salt = self.cfg.tenant(self._tenant(conn)).salt
+        salt = self.engine.salt(self._tenant(conn))
         keys = [None if h is None else derive_key(salt, h) for h in self._list(msg, "blocks")] \
             if msg.get("blocks") is not None else []
         return self.heat.register_range(conn.pid, self._int(msg, "address"), self._int(msg, "length"),

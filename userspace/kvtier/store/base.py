@@ -41,6 +41,8 @@ class Slot(NamedTuple):
 
 
 def check_key(key) -> bytes:
+    if type(key) is bytes and len(key) == KEY_BYTES:
+        return key   # the common case, first: this runs several times per put and get
     if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
         raise ValueError(f"a block key is {KEY_BYTES} bytes, got {type(key).__name__} "
                          f"of length {len(key) if hasattr(key, '__len__') else '?'}")

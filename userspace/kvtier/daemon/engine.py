@@ -721,15 +721,17 @@ class Engine:
         """Commit blocks the client wrote into its spare slots: items [hash, type, nbytes, meta, layout|None,
         [spare, arena, offset]]. Every item is checked before anything changes; a bad one fails the whole put
         (EINVAL) and leaves the spares as they were."""
-        txn, _ = self.put_spare_stage(tenant, sid, items, durable, owner, keep_duplicates=False)
+        txn, duplicates = self.put_spare_stage(tenant, sid, items, durable, owner)
+        for spare in duplicates:
+            self.spare_free(owner, spare)   # the client's copy is discarded
         return self.put_commit(txn) if txn else 0
 
-    def put_spare_stage(self, tenant: str, sid, items: list, durable: bool, owner: dict,
-                        keep_duplicates: bool = True) -> tuple[int, list]:
-        """put_spare up to the commit: (txn, 0 if nothing to commit; spares of duplicates). A staged put is
-        sent before the client copies (see the server's staged put), so a duplicate's spare stays this
-        connection's until the commit: freed now, it could be handed out again while the client still
-        writes into it. Its keys are pending, so a concurrent put of the same key deduplicates against it."""
+    def put_spare_stage(self, tenant: str, sid, items: list, durable: bool, owner: dict) -> tuple[int, list]:
+        """put_spare up to the commit: (txn, or 0 when nothing is left to commit; the spares of duplicates,
+        which the caller frees). A staged put is sent before the client copies (see the server's staged put),
+        so a duplicate's spare stays this connection's until the commit: freed now, it could be handed out
+        again while the client still writes into it. The keys are pending until put_commit, so a concurrent
+        put of the same key deduplicates against them."""
         s = self._session(tenant, sid)
         salt = self.salt(tenant)
         checked, seen = [], set()
@@ -761,10 +763,7 @@ class Engine:
                 if old is not None and s is not None:
                     self._attach(s, old)
                 self.counters["dedup_puts"] += 1
-                if keep_duplicates:
-                    duplicates.append(spare)
-                else:
-                    self.spare_free(owner, spare)   # the client's copy is discarded
+                duplicates.append(spare)
                 continue
             t, pkey, _, _, _ = owner.pop(spare)
             self.tiers[t].rename_reserved(pkey, key)   # the placeholder becomes the block's slot
@@ -776,9 +775,8 @@ class Engine:
             return 0, duplicates
         txn = next(self._ids)
         self.pending[txn] = (tenant, sid, staged, durable)
-        if keep_duplicates:
-            for key in staged_keys:
-                self.pending_keys[key] = txn
+        for key in staged_keys:
+            self.pending_keys[key] = txn
         return txn, duplicates
 
     def put_abort(self, txn: int) -> None:

@@ -492,6 +492,23 @@ class Server:
         self._spares(conn, msg, reply)
         return reply, []
 
+    @staticmethod
+    def _named_spares(blocks) -> list:
+        """The spare ids a spared put's items name (well-formed or not: a refused put gives them back)."""
+        out = []
+        for item in blocks:
+            where = item[-1] if isinstance(item, list) and item else None
+            sid = where[0] if isinstance(where, list) and where else None
+            if isinstance(sid, int) and not isinstance(sid, bool):
+                out.append(sid)
+        return out
+
+    def _free_spares(self, conn, sids) -> None:
+        """Give back those of these spares the connection still holds."""
+        for sid in sids:
+            if sid in conn.spares:
+                self.engine.spare_free(conn.spares, sid)
+
     def _drop_staged(self, conn) -> None:
         """Abort a staged put: its slots and the spares it named go back."""
         staged, conn.staged = conn.staged, None
@@ -501,23 +518,15 @@ class Server:
         if txn:
             conn.txns.discard(txn)
             self.engine.put_abort(txn)
-        for sid in spares:
-            if sid in conn.spares:
-                self.engine.spare_free(conn.spares, sid)
+        self._free_spares(conn, spares)
 
     def _stage_put(self, conn, tenant, blocks, msg) -> None:
         """A staged put (stage: true, sent without id, before the client copies): the checks, renames and
         next spares happen while the client copies; its commit (staged: true) only makes the blocks visible.
         A failure is kept for the commit's reply. The spares it names stay this connection's until then:
-        the client may still be writing into them."""
-        if conn.staged is not None:
-            self._drop_staged(conn)
-        named = []
-        for item in blocks:
-            where = item[-1] if isinstance(item, list) and item else None
-            sid = where[0] if isinstance(where, list) and where else None
-            if isinstance(sid, int) and not isinstance(sid, bool) and sid in conn.spares:
-                named.append(sid)
+        the client may still be writing into them. (_serve has dropped any earlier staged put: a put is
+        neither its commit nor its abort.)"""
+        named = [sid for sid in self._named_spares(blocks) if sid in conn.spares]
         try:
             self._spares(conn, {"drop": msg.get("drop")}, {})
             txn, duplicates = self.engine.put_spare_stage(tenant, self._int(msg, "session", True), blocks,
@@ -539,9 +548,7 @@ class Server:
         if staged is None:
             raise OSError(errno.ENOENT, "no staged put on this connection")
         txn, spares, reply = staged
-        for sid in spares:   # duplicates' spares, or every named spare of a refused put
-            if sid in conn.spares:
-                self.engine.spare_free(conn.spares, sid)
+        self._free_spares(conn, spares)   # duplicates' spares, or every named spare of a refused put
         if isinstance(reply, BaseException):
             raise reply
         if txn:
@@ -557,7 +564,6 @@ class Server:
             try:
                 tenant, blocks = self._tenant(conn), self._list(msg, "blocks")
             except OSError as e:   # sent without id: the failure is the commit's to report
-                self._drop_staged(conn)
                 conn.staged = (0, [], e)
             else:
                 self._stage_put(conn, tenant, blocks, msg)
@@ -572,11 +578,7 @@ class Server:
                                                                    bool(msg.get("durable", False)), conn.spares)}
             except BaseException:
                 # a refused put gives back the spares it named (the client forgets them): none leaks
-                for item in blocks:
-                    where = item[-1] if isinstance(item, list) and item else None
-                    sid = where[0] if isinstance(where, list) and where else None
-                    if isinstance(sid, int) and not isinstance(sid, bool) and sid in conn.spares:
-                        self.engine.spare_free(conn.spares, sid)
+                self._free_spares(conn, self._named_spares(blocks))
                 raise
             self._spares(conn, {"want": msg.get("want")}, reply)
             return reply, []

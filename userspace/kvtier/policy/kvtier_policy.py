@@ -102,10 +102,16 @@ class HitDensityPolicy(ClassQueuePolicy):
 
     def _freshness(self):
         # a lower tier of a stack scores with the top tier's statistics, which move with the top tier's clock
+        if self.learner is self:
+            return None
         stamp = (self._clock, self.learner._clock)
-        if self.learner is not self and stamp != self._heads_stamp:
+        if stamp != self._heads_stamp:
             self._density.clear()
         return stamp
+
+    def _bucket_end(self, age: float) -> float:
+        k = _bucket(age)
+        return float("inf") if k >= AGE_BUCKETS - 1 else 1 << k
 
     def _hit_density(self, cls, age: float) -> float:
         key = (cls, _bucket(age))
@@ -140,7 +146,7 @@ class HitDensityPolicy(ClassQueuePolicy):
                 self._dropped[c] *= 0.5
         if now % REFRESH_EVERY_REQUESTS == 0:
             self._density.clear()
-        self._stale()   # the clock moved: every head's age did
+            self._stale()
 
     # -- classification ---------------------------------------------------------------------------
     def _classify(self, req: Request, pos: int, hit: bool) -> tuple:
@@ -295,6 +301,8 @@ class KvtierPolicy(Policy):
         self._stale: deque[int] = deque()                  # resident blocks the leader no longer holds
         self.leader = self._names[0]
         self._lead = self._shadows[self.leader]
+        self._lead_i = 0
+        self._lru_i = self._names.index("lru") if "lru" in self._names else None   # its misses: the turnover
         self.scores = [0.0] * len(self._list)              # decayed hits per expert
         self._miss_rate = 16.0                             # EMA of LRU-shadow misses (admissions) per request
         self.switches = 0
@@ -343,20 +351,18 @@ class KvtierPolicy(Policy):
         masks = self._masks = []
         for i, s in enumerate(self._list):
             s.begin_request(req)
-            c = s.contains
-            m = [c(b) for b in ids]
+            m = list(map(s.contains, ids))
             masks.append(m)
-            h = sum(m)
-            scores[i] = scores[i] * decay + h
-            if s.name == "lru":
-                self._miss_rate = 0.99 * self._miss_rate + 0.01 * (len(ids) - h)
-        lead = self._names.index(self.leader)
-        best = max(range(len(scores)), key=scores.__getitem__)
-        if best != lead and scores[best] > scores[lead] * (1.0 + SWITCH_MARGIN) + 1.0:
-            self._switch(self._names[best], req.index)
+            scores[i] = scores[i] * decay + m.count(True)
+        if self._lru_i is not None:
+            self._miss_rate = 0.99 * self._miss_rate + 0.01 * masks[self._lru_i].count(False)
+        top = max(scores)
+        if top > scores[self._lead_i] * (1.0 + SWITCH_MARGIN) + 1.0:
+            self._switch(self._names[scores.index(top)], req.index)
 
     def _switch(self, name: str, when: int) -> None:
         self.leader = name
+        self._lead_i = self._names.index(name)
         self._lead = lead = self._shadows[name]
         self.switches += 1
         self._last_switch = when

@@ -42,10 +42,31 @@ DECAY_EVERY_REQUESTS = 2000
 REFRESH_EVERY_REQUESTS = 100
 
 
-def _age_bucket(age: float) -> int:
+def _age_bucket_of(age: float) -> int:
     if age < 1:
         return 0
     return min(AGE_BUCKETS - 1, 1 + int(AGE_STEPS_PER_OCTAVE * math.log2(age)))
+
+
+_AGE_TABLE = [_age_bucket_of(a) for a in range(1 << 16)]   # ages are request counts: look the usual ones up
+_BUCKET_START = [0] * (AGE_BUCKETS + 1)                    # smallest integer age in each bucket (past the last: inf)
+for _a in range(len(_AGE_TABLE) - 1, -1, -1):
+    _BUCKET_START[_AGE_TABLE[_a]] = _a
+_BUCKET_START[AGE_BUCKETS] = math.inf
+for _k in range(AGE_BUCKETS - 1, 0, -1):
+    if not _BUCKET_START[_k]:   # buckets beyond the table: 2 ** ((k - 1) / steps), checked against the formula
+        a = math.ceil(2.0 ** ((_k - 1) / AGE_STEPS_PER_OCTAVE))
+        while _age_bucket_of(a) < _k:
+            a += 1
+        while _age_bucket_of(a - 1) >= _k:
+            a -= 1
+        _BUCKET_START[_k] = a
+
+
+def _age_bucket(age) -> int:
+    if age.__class__ is int and 0 <= age < 65536:
+        return _AGE_TABLE[age]
+    return _age_bucket_of(age)
 
 
 def _bucket_mid(k: int) -> float:
@@ -133,6 +154,7 @@ class ReusePredictorPolicy(ClassQueuePolicy):
         if now % REFRESH_EVERY_REQUESTS == 0:
             self._density.clear()
             self._tail.clear()
+            self._stale()
 
     def _tail_tables(self, sb: int):
         """For ages in each bucket: (S(a): share of reuses at or after it, E[gap - a | gap >= a])."""
@@ -150,6 +172,9 @@ class ReusePredictorPolicy(ClassQueuePolicy):
                 resid[k] = weighted / later
             t = self._tail[sb] = (surv, resid)
         return t
+
+    def _bucket_end(self, age: float) -> float:
+        return _BUCKET_START[_age_bucket(age) + 1]
 
     def _hit_density(self, cohort, age: float) -> float:
         k = _age_bucket(age)
@@ -206,7 +231,6 @@ class ReusePredictorPolicy(ClassQueuePolicy):
             depth += 1
         self._req_feats = self._request_features(req, depth)
         self._groups = {}
-        self._stale()
 
     def end_request(self, req, hits):
         out = super().end_request(req, hits)

@@ -3,8 +3,11 @@
 Resident blocks sit in one insertion-ordered queue per class (block -> request clock of its last offer, oldest
 first). Within a class the oldest block has the lowest hit density, so only queue heads are eviction candidates:
 the head with the lowest density goes first, and a new block worth less than every head is declined (admission
-control). Densities change only when the clock moves or the model relearns, so the heads are ranked once per
-request in a heap (`_stale()` drops it); entries whose head has changed since are refreshed when they surface.
+control). A density depends on the class and the bucket of the block's age, and is cached until the model relearns
+(`_stale()`), so the heads are ranked in a heap that is rebuilt only when the model relearns or the clock takes
+some head's age into its next bucket (`_bucket_end`); entries whose head has changed since are refreshed when they
+surface. Where the heads are old that spares most requests a rebuild over every class; a class whose head is young
+still forces one every few requests.
 """
 from __future__ import annotations
 
@@ -15,14 +18,16 @@ from kvtier.policy.base import Policy
 
 
 class ClassQueuePolicy(Policy):
-    """Subclasses define `_hit_density(cls, age_requests)` and call `_stale()` whenever densities may change."""
+    """Subclasses define `_hit_density(cls, age_requests)` and `_bucket_end(age_requests)` (the smallest age in a
+    later density bucket), and call `_stale()` whenever cached densities are dropped."""
 
     def __init__(self, capacity_blocks: int):
         super().__init__(capacity_blocks)
         self._where: dict[int, tuple] = {}              # resident block -> class
         self._queues: dict[tuple, OrderedDict] = {}     # class -> block -> clock of its last offer
-        self._heads: list | None = None                 # (density, head block, class), rebuilt each request
+        self._heads: list | None = None                 # (density, head block, class, its clock)
         self._heads_stamp = None                        # _freshness() when the heap was built
+        self._heads_until = 0                           # clock at which some head's age changes bucket
         self._clock = 0
 
     def _hit_density(self, cls, age: float) -> float:
@@ -31,9 +36,19 @@ class ClassQueuePolicy(Policy):
     def _stale(self) -> None:
         self._heads = None
 
+    def _bucket_end(self, age: float) -> float:
+        raise NotImplementedError
+
     def _freshness(self):
-        """Changes whenever densities may have: the heap is rebuilt when it does."""
-        return self._clock
+        """Changes whenever densities may have for another reason than the heads' ages: the heap is rebuilt."""
+        return None
+
+    def _push_head(self, heap, cls, block, t) -> None:
+        age = self._clock - t
+        heapq.heappush(heap, (self._hit_density(cls, age), block, cls, t))
+        until = t + self._bucket_end(age)
+        if until < self._heads_until:
+            self._heads_until = until
 
     def contains(self, block):
         return block in self._where
@@ -59,7 +74,7 @@ class ClassQueuePolicy(Policy):
         if q is None:
             q = self._queues[cls] = OrderedDict()
         if not q and self._heads is not None:
-            heapq.heappush(self._heads, (self._hit_density(cls, self._clock - now), block, cls))
+            self._push_head(self._heads, cls, block, now)
         q[block] = now
         self._where[block] = cls
         return out
@@ -79,25 +94,32 @@ class ClassQueuePolicy(Policy):
         """The class head with the lowest hit density, if below floor."""
         heap = self._heads
         stamp = self._freshness()
-        if heap is None or stamp != self._heads_stamp:
+        if heap is None or stamp != self._heads_stamp or self._clock >= self._heads_until:
             self._heads_stamp = stamp
             now = self._clock
             heap = self._heads = []
+            until = float("inf")
+            density, bucket_end = self._hit_density, self._bucket_end
             for cls, q in self._queues.items():
                 if q:
-                    b, t = next(iter(q.items()))
-                    heap.append((self._hit_density(cls, now - t), b, cls))
+                    for b, t in q.items():   # the head only
+                        heap.append((density(cls, now - t), b, cls, t))
+                        end = t + bucket_end(now - t)
+                        if end < until:
+                            until = end
+                        break
+            self._heads_until = until
             heapq.heapify(heap)
         queues = self._queues
         while heap:
-            v, b, cls = heap[0]
+            v, b, cls, t = heap[0]
             q = queues[cls]
-            if q and next(iter(q)) == b:
+            if q and next(iter(q.items())) == (b, t):   # still this class's head, with the age it was ranked at
                 return b if v < floor else None
             heapq.heappop(heap)
             if q:
                 hb, t = next(iter(q.items()))
-                heapq.heappush(heap, (self._hit_density(cls, self._clock - t), hb, cls))
+                self._push_head(heap, cls, hb, t)
         return None
 
     def _drop(self, block) -> None:

@@ -193,7 +193,7 @@ class Server:
             log.warning("tier %s (%s) left out: %s", t["name"], t["kind"], t["reason"])
         # The index holds millions of long-lived objects and makes few cycles: what start-up built (recovered
         # index, tiers, code) is frozen out of the collector, and a young generation of GC_GEN0_OBJECTS keeps
-        # collections from walking the index every few hundred puts (bulk puts 1.5x faster at 1M blocks).
+        # collections from walking the index every few hundred puts (bulk puts 1.3-1.4x faster at 1M blocks).
         gc.collect()
         gc.freeze()
         gc.set_threshold(GC_GEN0_OBJECTS, 20, 100)

@@ -65,8 +65,6 @@ class HitDensityPolicy(ClassQueuePolicy):
         super().__init__(capacity_blocks)                     # _where, _queues, _heads, _clock: see queues.py
         self._reused: dict[tuple, list[float]] = {}           # class -> reuse counts per age bucket
         self._dropped: dict[tuple, float] = {}                # class -> blocks not reused within W
-        self._ghost: dict[int, tuple[tuple, int]] = {}        # block -> (class, clock) for the last W requests
-        self._ghost_q: deque[tuple[int, int]] = deque()
         self._seen: dict[int, int] = {}                       # block -> times accessed
         self._children: dict[int, int] = {}                   # block -> first child seen (-1: several)
         self._density: dict[tuple, float] = {}                # (class, bucket) -> cached hit density
@@ -132,13 +130,8 @@ class HitDensityPolicy(ClassQueuePolicy):
                     counts = self._reused[g[0]] = [0.0] * AGE_BUCKETS
                 counts[_bucket(now - g[1])] += 1.0
         limit = now - self.horizon_requests
-        q = self._ghost_q
-        while q and q[0][1] < limit:
-            b, t = q.popleft()
-            g = ghost.get(b)
-            if g is not None and g[1] == t:
-                del ghost[b]
-                self._dropped[g[0]] = self._dropped.get(g[0], 0.0) + 1.0
+        for g in self._expire_ghosts(limit):
+            self._dropped[g[0]] = self._dropped.get(g[0], 0.0) + 1.0
         if now % DECAY_EVERY_REQUESTS == 0:
             for counts in self._reused.values():
                 counts[:] = [c * 0.5 for c in counts]

@@ -95,9 +95,7 @@ class ReusePredictorPolicy(ClassQueuePolicy):
         self._g2: dict = {}                     # feature -> AdaGrad sum of squared gradients
         self._seen: dict[int, int] = {}         # block -> times accessed
         self._sess: dict[int, list] = {}        # session -> [turns, last arrival ms, mean gap s or None]
-        self._ghost: dict[int, tuple] = {}      # block -> (sample, clock, seen bucket) of its last offer
         self._pending: deque = deque()          # samples waiting for their label, oldest first
-        self._ghost_q: deque = deque()          # (block, clock) offers in order, to expire ghosts
         self._gaps = [[0.0] * AGE_BUCKETS for _ in range(5)]  # per seen bucket: reuses per age bucket
         self._dropped = [0.0] * 5               # per seen bucket: blocks not reused within W
         self._density: dict[tuple, float] = {}
@@ -140,13 +138,8 @@ class ReusePredictorPolicy(ClassQueuePolicy):
             s = q.popleft()
             self._train(s)
         # ghosts older than W are negatives for the reuse-age statistics
-        gq = self._ghost_q
-        while gq and gq[0][1] < limit:
-            b, t = gq.popleft()
-            g = ghost.get(b)
-            if g is not None and g[1] == t:
-                del ghost[b]
-                self._dropped[g[2]] += 1.0
+        for g in self._expire_ghosts(limit):
+            self._dropped[g[2]] += 1.0
         if now % DECAY_EVERY_REQUESTS == 0:
             for row in self._gaps:
                 row[:] = [c * 0.5 for c in row]

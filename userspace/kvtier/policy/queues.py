@@ -12,7 +12,7 @@ still forces one every few requests.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from kvtier.policy.base import Policy
 
@@ -29,6 +29,8 @@ class ClassQueuePolicy(Policy):
         self._heads_stamp = None                        # _freshness() when the heap was built
         self._heads_until = 0                           # clock at which some head's age changes bucket
         self._clock = 0
+        self._ghost: dict = {}                          # block -> record of its last offer in the horizon: [1] is its clock
+        self._ghost_q: deque = deque()                  # (block, clock) offers in order, to expire ghosts
 
     def _hit_density(self, cls, age: float) -> float:
         raise NotImplementedError
@@ -49,6 +51,17 @@ class ClassQueuePolicy(Policy):
         until = t + self._bucket_end(age)
         if until < self._heads_until:
             self._heads_until = until
+
+    def _expire_ghosts(self, limit):
+        """Remove and yield the ghost records of blocks last offered before clock `limit` and not accessed since:
+        blocks not reused within the horizon."""
+        ghost, q = self._ghost, self._ghost_q
+        while q and q[0][1] < limit:
+            b, t = q.popleft()
+            g = ghost.get(b)
+            if g is not None and g[1] == t:
+                del ghost[b]
+                yield g
 
     def contains(self, block):
         return block in self._where

@@ -68,7 +68,7 @@ class GpuPlacement:
             pkey = STAGE_KEY_PREFIX + next(e._ids).to_bytes(8, "little")
             try:
                 e._room(t, b.nbytes)
-                slot = tier.reserve(pkey, b.nbytes)
+                slot = tier.reserve(pkey, b.nbytes, e._domain(b))
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise

@@ -89,7 +89,16 @@ class GpuTier(Tier):
     def arenas(self) -> list[dict]:
         return []   # nothing a client can map
 
-    def reserve(self, key: bytes, nbytes: int) -> Slot:
+    # one arena for every tenant: clients never map it, so it separates nothing a tenant could reach
+    domains: tuple = ()
+
+    def domain_arenas(self, domain: bytes) -> list[int]:
+        return []
+
+    def release_domain(self, domain: bytes) -> bool:
+        return True
+
+    def reserve(self, key: bytes, nbytes: int, domain: bytes = b"") -> Slot:
         key = check_key(key)
         nbytes = int(nbytes)
         if nbytes <= 0:

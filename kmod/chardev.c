@@ -135,8 +135,8 @@ static long kvtier_ioctl_api(void __user *uarg)
 		.page_size = PAGE_SIZE,
 		.features = KVTIER_FEATURE_MIGRATE | KVTIER_FEATURE_SHARE |
 			    KVTIER_FEATURE_GRANT | KVTIER_FEATURE_MOVABLE_NODES |
-			    KVTIER_FEATURE_ACCESS_RESET,
-		.ioctls = GENMASK_ULL(_IOC_NR(KVTIER_IOC_ACCESS_RESET), 0),
+			    KVTIER_FEATURE_ACCESS_RESET | KVTIER_FEATURE_DISCARD,
+		.ioctls = GENMASK_ULL(_IOC_NR(KVTIER_IOC_DISCARD), 0),
 		.max_region_bytes = kvtier_max_region_bytes,
 		.max_total_bytes = kvtier_max_total_bytes,
 		.max_nodes = KVTIER_MAX_NODES,
@@ -301,7 +301,9 @@ static long kvtier_ioctl_share(void __user *uarg)
 	return err;
 }
 
-static long kvtier_ioctl_unshare(void __user *uarg)
+/* UNSHARE, ACCESS_RESET, DISCARD: @op on a block range of one region. */
+static long kvtier_ioctl_range(void __user *uarg,
+			       int (*op)(struct kvtier_region *, const struct kvtier_range *))
 {
 	struct kvtier_region *r;
 	struct kvtier_range req;
@@ -312,23 +314,7 @@ static long kvtier_ioctl_unshare(void __user *uarg)
 	r = kvtier_region_get_checked(req.region_id, &err);
 	if (!r)
 		return err;
-	err = kvtier_unshare(r, &req);
-	kvtier_region_put(r);
-	return err;
-}
-
-static long kvtier_ioctl_access_reset(void __user *uarg)
-{
-	struct kvtier_region *r;
-	struct kvtier_range req;
-	int err;
-
-	if (copy_from_user(&req, uarg, sizeof(req)))
-		return -EFAULT;
-	r = kvtier_region_get_checked(req.region_id, &err);
-	if (!r)
-		return err;
-	err = kvtier_access_reset(r, &req);
+	err = op(r, &req);
 	kvtier_region_put(r);
 	return err;
 }
@@ -416,7 +402,7 @@ static long kvtier_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 	case KVTIER_IOC_SHARE:
 		return kvtier_ioctl_share(uarg);
 	case KVTIER_IOC_UNSHARE:
-		return kvtier_ioctl_unshare(uarg);
+		return kvtier_ioctl_range(uarg, kvtier_unshare);
 	case KVTIER_IOC_BLOCK_QUERY:
 		return kvtier_ioctl_block_query(uarg);
 	case KVTIER_IOC_GRANT:
@@ -424,7 +410,9 @@ static long kvtier_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 	case KVTIER_IOC_STATS:
 		return kvtier_ioctl_stats(uarg);
 	case KVTIER_IOC_ACCESS_RESET:
-		return kvtier_ioctl_access_reset(uarg);
+		return kvtier_ioctl_range(uarg, kvtier_access_reset);
+	case KVTIER_IOC_DISCARD:
+		return kvtier_ioctl_range(uarg, kvtier_discard);
 	default:
 		return -ENOTTY;
 	}

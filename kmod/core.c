@@ -164,6 +164,15 @@ static void kvtier_zap_chunk(const struct kvtier_chunk *c)
 		kvtier_zap_block(b);
 }
 
+/* Give block @b chunk @c in place of @old: no PTE to @old's pages survives. */
+static void kvtier_block_rechunk(struct kvtier_block *b, struct kvtier_chunk *old,
+				 struct kvtier_chunk *c)
+{
+	kvtier_zap_block_locked(b, old);
+	kvtier_chunk_detach(b);
+	kvtier_chunk_attach(b, c);
+}
+
 static int kvtier_chunk_populate(struct kvtier_chunk *c)
 {
 	unsigned int i;
@@ -694,6 +703,56 @@ int kvtier_access_reset(struct kvtier_region *r, const struct kvtier_range *req)
 }
 
 /**
+ * kvtier_discard() - free blocks' pages; the next touch faults in zeroed ones.
+ * @r: region
+ * @req: range
+ *
+ * A block sharing its chunk gets an empty chunk of its own (the sharers keep
+ * the pages). Every page is locked before the zap, as for migration, so a
+ * fault in flight cannot leave a PTE to a page freed here.
+ *
+ * Return: 0, -EINVAL or -ENOMEM (blocks before the failing one are discarded).
+ */
+int kvtier_discard(struct kvtier_region *r, const struct kvtier_range *req)
+{
+	u32 b;
+	int err = 0;
+
+	if (!kvtier_range_ok(r, req->first_block, req->nr_blocks))
+		return -EINVAL;
+
+	mutex_lock(&kvtier_lock);
+	for (b = req->first_block; b < req->first_block + req->nr_blocks; b++) {
+		struct kvtier_block *blk = &r->blocks[b];
+		struct kvtier_chunk *c = blk->chunk;
+		unsigned int i;
+
+		if (!c->populated)
+			continue;
+		if (c->sharers > 1) {
+			struct kvtier_chunk *fresh = kvtier_chunk_alloc(c->nr_pages, c->node);
+
+			if (!fresh) {
+				err = -ENOMEM;
+				break;
+			}
+			kvtier_block_rechunk(blk, c, fresh);
+			continue;
+		}
+		kvtier_zap_block_locked(blk, c);
+		for (i = 0; i < c->nr_pages; i++) {
+			if (c->pages[i]) {
+				kvtier_free_page(c->pages[i]);
+				c->pages[i] = NULL;
+			}
+		}
+		c->populated = 0;
+	}
+	mutex_unlock(&kvtier_lock);
+	return err;
+}
+
+/**
  * kvtier_unshare() - give shared blocks private, writable copies.
  * @r: region
  * @req: range; blocks that are not shared are left alone
@@ -739,9 +798,7 @@ int kvtier_unshare(struct kvtier_region *r, const struct kvtier_range *req)
 			err = -ENOMEM;
 			break;
 		}
-		kvtier_zap_block_locked(blk, old);
-		kvtier_chunk_detach(blk);
-		kvtier_chunk_attach(blk, c);
+		kvtier_block_rechunk(blk, old, c);
 		kvtier_counters.cow_copies++;
 	}
 	mutex_unlock(&kvtier_lock);

@@ -125,6 +125,7 @@ int kvtier_share(struct kvtier_region *dst, struct kvtier_region *src,
 		 const struct kvtier_share *req);
 int kvtier_unshare(struct kvtier_region *r, const struct kvtier_range *req);
 int kvtier_access_reset(struct kvtier_region *r, const struct kvtier_range *req);
+int kvtier_discard(struct kvtier_region *r, const struct kvtier_range *req);
 int kvtier_block_query(struct kvtier_region *r, u32 first, u32 nr,
 		       struct kvtier_block_state *out);
 int kvtier_grant(struct kvtier_region *r, const struct kvtier_grant *req);

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from daemon_proc import KVCTL, Daemon, block_bytes, short_dir, wait_for, write_config
+from daemon_proc import KVCTL, Daemon, block_bytes, running_daemon, short_dir, wait_for, write_config
 from kvtier.client import Client, DaemonError, admin_call
 
 NOBODY = 65534
@@ -161,3 +161,51 @@ def test_kvctl_with_tenant_env_is_scoped(daemon_dir):
         assert kvctl("status", env=beta)["blocks"] == 1 and kvctl("status")["blocks"] == 2
     finally:
         assert d.stop() == 0
+
+
+def _mapped(kv: Client) -> dict[int, bytes]:
+    """Everything a client has mapped, by arena id: what a process in the kvtier group could read directly."""
+    return {g: bytes(m) for g, m in enumerate(kv._maps) if m is not None}
+
+
+def test_a_tenant_maps_no_other_tenants_memory():
+    """A client is given only its tenant's arenas (per tenant salt), so reading its mappings directly shows none of
+    another tenant's bytes, in any memory tier; tenants configured with one salt share arenas and blocks; a
+    connection cannot switch tenants; a domain's arenas close once it has no connection and no block."""
+    d_dir = short_dir()
+    extra = '[tenants.acme]\nsalt = "shared"\n[tenants.acme-batch]\nsalt = "shared"'
+    cfg = write_config(d_dir, dram="1MiB", cxl="2MiB", extra=extra)
+    with running_daemon(d_dir, cfg) as d:
+        mark_a = [block_bytes(7000 + i, 16 << 10) for i in range(90)]   # 1.4 MiB: dram0 and cxl0 both hold some
+        mark_b = [block_bytes(8000 + i, 16 << 10) for i in range(90)]
+        with Client(d.socket, "alpha") as a, Client(d.socket, "beta") as b:
+            a.put(None, [(i, "history", v) for i, v in enumerate(mark_a)])
+            b.put(None, [(i, "history", v) for i, v in enumerate(mark_b)])
+            tiers = {t for t in a.contains(range(90)) + b.contains(range(90)) if t}
+            assert tiers >= {"dram0", "cxl0"}, tiers   # both memory tiers hold blocks (of one tenant or both)
+            seen_a, seen_b = _mapped(a), _mapped(b)
+            assert seen_a and seen_b and not set(seen_a) & set(seen_b)
+            mem_a, mem_b = b"".join(seen_a.values()), b"".join(seen_b.values())
+            for kv, mem, mark in ((a, mem_a, mark_a), (b, mem_b, mark_b)):
+                in_memory = [i for i, t in enumerate(kv.contains(range(90))) if t in ("dram0", "cxl0")]
+                assert in_memory and all(mem.find(mark[i][:4096]) >= 0 for i in in_memory)   # the scan finds bytes
+            assert not any(mem_a.find(v[:4096]) >= 0 for v in mark_b)
+            assert not any(mem_b.find(v[:4096]) >= 0 for v in mark_a)
+            with pytest.raises(DaemonError) as e:
+                a.call("hello", tenant="beta")
+            assert e.value.errno == errno.EISCONN
+            assert a.get(None, [0])[0].tobytes() == mark_a[0]   # still alpha's
+        with Client(d.socket, "acme") as c, Client(d.socket, "acme-batch") as c2:
+            c.put(None, [(5, "prefix", block_bytes(5, 4096))])
+            assert c2.contains([5]) == ["dram0"] and c2.get(None, [5])[0].tobytes() == block_bytes(5, 4096)
+            assert set(_mapped(c)) == set(_mapped(c2))
+        domains = admin_call(d.socket, "stats")["tiers"][0]["domains"]
+        with Client(d.socket, "gamma") as g:
+            g.put(None, [(1, "prefix", block_bytes(1, 4096))])
+            assert g.delete([1]) == 1
+            assert admin_call(d.socket, "stats")["tiers"][0]["domains"] == domains + 1
+        assert wait_for(lambda: admin_call(d.socket, "stats")["tiers"][0]["domains"] == domains)
+        with Client(d.socket, "alpha") as a:   # alpha's blocks outlived its connection, and so did its arenas
+            got = a.get(None, list(range(90)))
+            assert all(x is None or x.tobytes() == mark_a[i] for i, x in enumerate(got))
+            assert sum(x is not None for x in got) >= 60

@@ -308,6 +308,47 @@ def test_populate_flag_and_region_outlives_fd(kvtier_module):
     assert read_sysfs("allocated_bytes") == allocated
 
 
+@pytest.mark.guest
+def test_discard_frees_pages_and_unmaps_them_everywhere(kvtier_dev):
+    """DISCARD gives a block's pages back (allocated_bytes drops by exactly them) and unmaps them in every
+    mapping: a second mapping then reads zeros (first touch, read or write, allocates a zeroed page again). A shared block keeps the
+    pages its sharer still uses; bad ranges are EINVAL."""
+    k = kmod()
+    block = 8 * PAGE
+    region = kvtier_dev.create_region(4 * block, block, node=0)
+    buf = kvtier_dev.mmap(region)
+    other_dev = k.Device()   # another process's view: its own fd and mapping
+    other = other_dev.mmap(other_dev.attach(region.id))
+    for p in range(4 * block // PAGE):
+        buf[p * PAGE:(p + 1) * PAGE] = page_content(p, 1)
+    assert page_version(other, 9) == 1
+    before = read_sysfs("allocated_bytes")
+    kvtier_dev.discard(region.id, 1, 2)
+    assert read_sysfs("allocated_bytes") == before - 2 * block
+    assert [s.populated for s in kvtier_dev.query(region.id)] == [True, False, False, True]
+    assert bytes(other[block:3 * block]) == bytes(2 * block)   # zeros, through the old mapping too
+    assert page_version(other, 0) == 1 and page_version(other, 3 * block // PAGE) == 1
+    assert read_sysfs("allocated_bytes") == before   # those reads faulted zeroed pages in again
+    buf[block:block + PAGE] = page_content(block // PAGE, 2)
+    assert page_version(other, block // PAGE) == 2
+    kvtier_dev.discard(region.id, 2, 1)   # nothing there: a no-op
+    # a block sharing its pages drops only its own reference
+    src = kvtier_dev.create_region(block, block, node=0)
+    sbuf = kvtier_dev.mmap(src)
+    sbuf[:PAGE] = page_content(0, 7)
+    kvtier_dev.share(region.id, 3, src.id, 0, 1)
+    kvtier_dev.discard(region.id, 3, 1)
+    assert page_version(sbuf, 0) == 7 and bytes(other[3 * block:3 * block + 16]) == bytes(16)
+    assert not kvtier_dev.query(region.id, 3, 1)[0].shared
+    for first, nr in ((4, 1), (0, 5), (0, 0), (0xFFFF_FFFF, 2)):
+        assert errno_of(kvtier_dev.discard, region.id, first, nr) == errno.EINVAL, (first, nr)
+    assert kvtier_dev.api()["features"] & k.FEATURE_DISCARD
+    sbuf.close()
+    other.close()
+    other_dev.close()
+    buf.close()
+
+
 # ---- tags ----------------------------------------------------------------------------------------
 
 @pytest.mark.guest

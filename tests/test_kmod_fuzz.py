@@ -50,6 +50,7 @@ COMMANDS = {name: (getattr(lib, name), struct) for name, struct in {
     "KVTIER_IOC_GRANT": "kvtier_grant",
     "KVTIER_IOC_STATS": "kvtier_stats",
     "KVTIER_IOC_ACCESS_RESET": "kvtier_range",
+    "KVTIER_IOC_DISCARD": "kvtier_range",
 }.items()}
 VALID_CMDS = {cmd for cmd, _ in COMMANDS.values()}
 NAME_OF = {cmd: name for name, (cmd, _) in COMMANDS.items()}
@@ -192,7 +193,7 @@ def fuzz(fd: int, n_calls: int, seed: int, max_region_bytes: int) -> dict:
             s.dst_first_block, s.nr_blocks = block_range(s.dst_region_id)
             s.src_first_block = block_range(s.src_region_id)[0]
             s.pad = pad()
-        elif name in ("KVTIER_IOC_UNSHARE", "KVTIER_IOC_ACCESS_RESET"):
+        elif name in ("KVTIER_IOC_UNSHARE", "KVTIER_IOC_ACCESS_RESET", "KVTIER_IOC_DISCARD"):
             s.region_id = region_id()
             s.first_block, s.nr_blocks = block_range(s.region_id)
         elif name == "KVTIER_IOC_BLOCK_QUERY":

@@ -243,3 +243,103 @@ def test_rename_reserved_names_a_placeholder_slot(tier):
     with pytest.raises(KeyError):
         tier.rename_reserved(key(903), key(904))   # nothing reserved under that name
     assert other.nbytes == 4096
+
+
+def test_domains_have_their_own_arenas_and_share_the_capacity():
+    """Each domain (a tenant's salt) gets arenas no other domain's blocks go into; the capacity is the tier's;
+    an empty domain's arenas close, a holding one's stay."""
+    t = MemoryTier("dram0", "dram", [0], 1 << 20, backend="memfd")
+    try:
+        a = t.reserve(key(1), 600 << 10, domain=b"alpha")
+        t.commit(key(1))
+        b = t.reserve(key(2), 100 << 10, domain=b"beta")
+        t.commit(key(2))
+        assert t.domain_arenas(b"alpha") == [a.arena] and t.domain_arenas(b"beta") == [b.arena]
+        assert a.arena != b.arena and t.stats()["domains"] == 2
+        handles = t.arenas()
+        assert handles[a.arena]["fd"] != handles[b.arena]["fd"]
+        with pytest.raises(OSError) as e:   # 700 KiB stored: beta's own arena is empty enough, the tier is not
+            t.reserve(key(3), 400 << 10, domain=b"beta")
+        assert e.value.errno == errno.ENOSPC
+        # the bytes of each block are in its domain's memfd only
+        t.view(t.locate(key(1)))[:] = b"A" * (600 << 10)
+        t.view(t.locate(key(2)))[:] = b"B" * (100 << 10)
+        for arena, other in ((a.arena, b"B" * 4096), (b.arena, b"A" * 4096)):
+            with mmap.mmap(handles[arena]["fd"], handles[arena]["size"], mmap.MAP_SHARED) as m:
+                assert m.find(other) == -1
+        assert not t.release_domain(b"beta")   # it stores a block
+        t.delete(key(2))
+        assert t.release_domain(b"beta") and t.arenas()[b.arena] is None and t.stats()["domains"] == 1
+        assert t.get(key(1)) == b"A" * (600 << 10)
+        c = t.reserve(key(4), 4096, domain=b"gamma")   # a new domain gets a new arena, never beta's old one
+        assert c.arena not in (a.arena, b.arena)
+    finally:
+        t.close()
+
+
+def test_resident_memory_stays_bounded_as_domains_churn():
+    """Eight domains each fill most of the tier and empty it again: without punching free extents every domain's
+    memfd would keep its pages (8x the capacity); the tier keeps resident memory near its capacity and the blocks
+    still stored keep their bytes."""
+    cap = 16 << 20
+    t = MemoryTier("dram0", "dram", [0], cap, backend="memfd")
+    blk = 256 << 10
+    kept = {}
+    try:
+        peak = 0
+        for d in range(8):
+            dom = f"tenant-{d}".encode()
+            keys = [key(1000 * d + i) for i in range(40)]   # 10 MiB
+            for i, k in enumerate(keys):
+                t.put(k, bytes([d + 1]) * blk, domain=dom)
+                peak = max(peak, t.resident_bytes())
+            kk = key(1000 * d + 999)
+            t.put(kk, os.urandom(4096), domain=dom)   # one small block per domain stays
+            kept[kk] = t.get(kk)
+            for k in keys:
+                t.delete(k)
+        assert t.stats()["domains"] == 8 and t.stats()["trims"] > 0
+        # capacity + its slack + one check interval of allocation (+ a page per arena of rounding)
+        assert peak <= cap + cap // 8 + t._trim_check_bytes + 8 * 2 * 4096, peak
+        for k, v in kept.items():
+            assert t.get(k) == v
+        t.trim(force=True)
+        assert t.resident_bytes() <= 8 * 2 * 4096   # only the pages the kept blocks touch
+        for k, v in kept.items():
+            assert t.get(k) == v
+    finally:
+        t.close()
+
+
+@pytest.mark.guest("numa", "tiered")
+def test_kmod_domains_get_their_own_regions_and_trim_discards(kvtier_dev):
+    """On kvtier.ko arenas too: each domain has its own regions, and churn across domains is trimmed by
+    KVTIER_IOC_DISCARD (whole region blocks of free space), keeping the regions' resident bytes bounded."""
+    cap = 16 << 20
+    t = MemoryTier("dram0", "dram", [0], cap, backend="kmod")
+    try:
+        assert t.backend == "kmod"
+        peak = 0
+        for d in range(6):
+            dom = f"tenant-{d}".encode()
+            keys = [key(100 * d + i) for i in range(8)]   # 8 x 1 MiB, of which 1 stays
+            for k in keys:
+                t.put(k, bytes([d + 1]) * (1 << 20), domain=dom)
+                peak = max(peak, t.resident_bytes())
+            for k in keys[1:]:
+                t.delete(k)
+        regions = {t.arenas()[i]["region_id"] for d in range(6) for i in t.domain_arenas(f"tenant-{d}".encode())}
+        assert len(regions) == 6 and t.stats()["trims"] > 0
+        # without discards this reaches 6 x 8 MiB
+        assert peak <= cap + cap // 8 + t._trim_check_bytes + 6 * (2 << 20), peak
+        for d in range(6):
+            assert t.get(key(100 * d)) == bytes([d + 1]) * (1 << 20)
+        t.trim(force=True)
+        assert t.resident_bytes() <= 6 * (4 << 20)   # a kept 1 MiB block spans at most two region blocks
+        for d in range(6):
+            assert t.get(key(100 * d)) == bytes([d + 1]) * (1 << 20)
+            t.delete(key(100 * d))
+            assert t.release_domain(f"tenant-{d}".encode())
+        assert t.resident_bytes() == 0
+    finally:
+        t.close()

@@ -213,6 +213,8 @@ class Client:
     def _view(self, arena: int, offset: int, nbytes: int) -> memoryview:
         if arena >= len(self._views) or self._views[arena] is None:
             self._call("arenas", _want_fds=True)   # the daemon added an arena since hello
+            if arena >= len(self._views) or self._views[arena] is None:
+                raise DaemonError(errno.EPROTO, f"kvtierd named arena {arena}, which this tenant cannot map")
         return self._views[arena][offset:offset + nbytes]
 
     def close(self) -> None:

@@ -303,24 +303,27 @@ class Device:
         c.nr_blocks = nr_blocks
         self._ioctl(lib.KVTIER_IOC_SHARE, c)
 
-    def unshare(self, region_id: int, first_block: int, nr_blocks: int) -> None:
-        """Give shared blocks private, writable copies on their node."""
+    def _range_ioctl(self, cmd: int, region_id: int, first_block: int, nr_blocks: int) -> None:
         c = ffi.new("struct kvtier_range *")
         c.region_id = region_id
         c.first_block = first_block
         c.nr_blocks = nr_blocks
-        self._ioctl(lib.KVTIER_IOC_UNSHARE, c)
+        self._ioctl(cmd, c)
+
+    def unshare(self, region_id: int, first_block: int, nr_blocks: int) -> None:
+        """Give shared blocks private, writable copies on their node."""
+        self._range_ioctl(lib.KVTIER_IOC_UNSHARE, region_id, first_block, nr_blocks)
 
     def access_reset(self, region_id: int, first_block: int = 0, nr_blocks: int | None = None) -> None:
         """Unmap blocks from every process, keeping their pages, so the next touch of each page faults
         again and fires the kvtier_fault tracepoint (access sampling for the eBPF heat probes)."""
         if nr_blocks is None:
             nr_blocks = self.info(region_id)["nr_blocks"] - first_block
-        c = ffi.new("struct kvtier_range *")
-        c.region_id = region_id
-        c.first_block = first_block
-        c.nr_blocks = nr_blocks
-        self._ioctl(lib.KVTIER_IOC_ACCESS_RESET, c)
+        self._range_ioctl(lib.KVTIER_IOC_ACCESS_RESET, region_id, first_block, nr_blocks)
+
+    def discard(self, region_id: int, first_block: int, nr_blocks: int) -> None:
+        """Free blocks' pages (unmapped from every process); the next touch faults in zeroed ones."""
+        self._range_ioctl(lib.KVTIER_IOC_DISCARD, region_id, first_block, nr_blocks)
 
     def query(self, region_id: int, first_block: int = 0, nr_blocks: int | None = None) -> list[BlockState]:
         """Per-block state (node, flags, type, priority, faults, migrations); all blocks by default."""

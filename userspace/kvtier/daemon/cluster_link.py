@@ -98,7 +98,7 @@ class ClusterLink:
             return None
         pkey = b"\xfd" * 8 + next(eng._ids).to_bytes(8, "little")   # placeholder until verified
         try:
-            t, slot = eng._reserve(pkey, n)
+            t, slot = eng._reserve(pkey, n, eng.salt(tenant))
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise

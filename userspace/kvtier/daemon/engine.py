@@ -179,6 +179,40 @@ class Engine:
                 self.salts[tenant] = s
         return s
 
+    def _mine(self, b: Block | None, tenant: str, salt: bytes) -> bool:
+        """Whether tenant (whose salt is `salt`) may reach b: its own, or one of a tenant configured with the same
+        salt (tenants sharing a salt share blocks)."""
+        return b is not None and (b.tenant == tenant or (b.tenant is not None and self.salt(b.tenant) == salt))
+
+    def _domain(self, b: Block) -> bytes:
+        """The memory domain b's bytes live in: its tenant's salt, so only clients of tenants that share that
+        salt map them (a block recovered from NVMe learns its tenant from its header first)."""
+        if b.tenant is None and self._known(b) is None:
+            raise err(errno.EIO, f"block {b.key.hex()} is unreadable")
+        return self.salt(b.tenant)
+
+    def open_domain(self, tenant: str, busy: set) -> bytes:
+        """Make sure every client-mappable memory tier has arenas for tenant's domain (its salt) and return it.
+        A tier at its domain limit first closes the arenas of idle domains (none of `busy`, nothing stored)."""
+        domain = self.salt(tenant)
+        for t in range(self.mem_count):
+            tier = self.tiers[t]
+            try:
+                tier.domain_arenas(domain)
+            except OSError as e:
+                if e.errno != errno.EUSERS:
+                    raise
+                for d in tier.domains:
+                    if d not in busy:
+                        tier.release_domain(d)
+                tier.domain_arenas(domain)
+        return domain
+
+    def release_domain(self, domain: bytes) -> None:
+        """The last connection of a domain closed: its arenas go where nothing is stored in them."""
+        for t in range(self.mem_count):
+            self.tiers[t].release_domain(domain)
+
     def _capacity_blocks(self, t: int) -> int:
         return max(1, self.limit_bytes[t] // self.cfg.nominal_block_bytes)
 
@@ -216,12 +250,15 @@ class Engine:
             self.arena_table.append((t, a))
         return g
 
-    def arenas(self) -> list[dict]:
+    def arenas(self, domain: bytes) -> list[dict]:
+        """How a client of `domain` maps its arenas (and no other domain's), each named by its global id."""
         out = []
-        for g, (t, a) in enumerate(self.arena_table):
-            h = dict(self.tiers[t].arenas()[a])
-            h.update(arena=g, tier=self.tiers[t].name)
-            out.append(h)
+        for t in range(self.mem_count):
+            handles = self.tiers[t].arenas()
+            for a in self.tiers[t].domain_arenas(domain):
+                h = dict(handles[a])
+                h.update(arena=self._arena_id(t, a), tier=self.tiers[t].name)
+                out.append(h)
         return out
 
     # -- moves ---------------------------------------------------------------------------------------
@@ -342,7 +379,7 @@ class Engine:
             self._room(t, n if t < self.mem_count else 0)
             try:
                 if t < self.mem_count:
-                    slot = self._reserve_in(t, b.key, size)
+                    slot = self._reserve_in(t, b.key, size, self._domain(b))
                     try:
                         if callable(payload):
                             payload(tier.view(slot))
@@ -550,8 +587,9 @@ class Engine:
             raise err(errno.EINVAL, f"unknown session state {state!r}; valid: {', '.join(STATES)}")
         if block_types is not None:
             for key_hash, btype in block_types:
-                b = self.blocks.get(derive_key(self.salt(tenant), key_hash))
-                if b is not None and b.tenant == tenant:
+                salt = self.salt(tenant)
+                b = self.blocks.get(derive_key(salt, key_hash))
+                if self._mine(b, tenant, salt):
                     b.btype = BLOCK_TYPES.get(btype, btype) if isinstance(btype, str) else int(btype)
         was = s.state
         self.policies[0].session_hint(sid, STATES[state], time.monotonic() * 1e3)
@@ -625,7 +663,7 @@ class Engine:
                     self.counters["dedup_puts"] += 1
                     slots.append(None)
                     continue
-                t, slot = self._reserve(key, nbytes)
+                t, slot = self._reserve(key, nbytes, salt)
                 nb = Block(key, tenant, nbytes, btype, meta, t)
                 nb.layout = layout
                 staged.append((key, nb))
@@ -640,18 +678,18 @@ class Engine:
             self.pending_keys[key] = txn
         return txn, slots
 
-    def _reserve_in(self, t: int, key: bytes, nbytes: int):
-        """A slot in memory tier t: victims are demoted until nbytes fit under its limit and, when its arena is
+    def _reserve_in(self, t: int, key: bytes, nbytes: int, domain: bytes):
+        """A slot in memory tier t, in domain's arenas: victims are demoted until nbytes fit under its limit and, when its arena is
         fragmented, until a free extent is large enough (ENOSPC once nothing is left to demote)."""
         self._room(t, nbytes)
         while True:
             try:
-                return self.tiers[t].reserve(key, nbytes)
+                return self.tiers[t].reserve(key, nbytes, domain)
             except OSError as e:
                 if e.errno != errno.ENOSPC or not self._evict_one(t, "fragmentation"):
                     raise
 
-    def _reserve(self, key: bytes, nbytes: int):
+    def _reserve(self, key: bytes, nbytes: int, domain: bytes):
         """A slot in the first memory tier with room (victims demoted); reserved slots are not evictable,
         so a batch larger than the first tier continues in the next one."""
         last = None
@@ -659,7 +697,7 @@ class Engine:
             if self.gpu is not None and t in self.gpu.tiers:
                 continue   # clients write into host memory; the GPU tier is reached by promotion
             try:
-                return t, self._reserve_in(t, key, nbytes)
+                return t, self._reserve_in(t, key, nbytes, domain)
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
@@ -673,7 +711,7 @@ class Engine:
     # the slot is this connection's and matches, renames the placeholder to the block's key and commits
     # (dedup frees the slot instead). Spares never evict: they are taken only from free room under a tier's
     # limit, at most `budget` bytes per connection.
-    def spare_reserve(self, owner: dict, sizes: list, budget: int) -> list:
+    def spare_reserve(self, owner: dict, sizes: list, budget: int, domain: bytes) -> list:
         out = []
         held = sum(v[2] for v in owner.values())
         for n in sizes[:PUT_SPARES_MAX]:
@@ -691,7 +729,7 @@ class Engine:
                 sid = next(self._ids)
                 pkey = b"\xfe" * 8 + sid.to_bytes(8, "little")   # a placeholder key (KEY_BYTES)
                 try:
-                    slot = tier.reserve(pkey, n)
+                    slot = tier.reserve(pkey, n, domain)
                 except OSError:
                     continue
                 break
@@ -702,13 +740,13 @@ class Engine:
             out.append([sid, self._arena_id(t, slot.arena), slot.offset, n])
         return out
 
-    def spare_refresh(self, owner: dict) -> list:
+    def spare_refresh(self, owner: dict, domain: bytes) -> list:
         """Re-reserve a connection's spares after a delete freed memory: they move into the room just freed
         (cache-warm, and first fit keeps the arena compact). The whole new set: the client replaces its own."""
         sizes = [v[2] for v in owner.values()]
         for sid in list(owner):
             self.spare_free(owner, sid)
-        return self.spare_reserve(owner, sizes, sum(sizes))
+        return self.spare_reserve(owner, sizes, sum(sizes), domain)
 
     def spare_free(self, owner: dict, sid: int) -> None:
         t, pkey, _, _, _ = owner.pop(sid)
@@ -897,7 +935,7 @@ class Engine:
             if b is None and self.cluster is not None:
                 b = self.cluster.fetch(tenant, derive_key(salt, h))   # a local miss: the cluster's copy, verified
             b = self._known(b)
-            found.append(b if b is not None and b.tenant == tenant else None)
+            found.append(b if self._mine(b, tenant, salt) else None)
         req = self._request(sid or 0, tenant, [b for b in found if b is not None])
         # every block already in the first tier (nothing to promote): the policy sees the hits after the reply
         hits = [] if self.defer_policy and self.gpu is None and self.cluster is None and \
@@ -997,7 +1035,7 @@ class Engine:
         for h in hashes:
             b = self.blocks.get(derive_key(salt, h))
             b = self._known(b)
-            out.append(self.tiers[b.tier].name if b is not None and b.tenant == tenant else None)
+            out.append(self.tiers[b.tier].name if self._mine(b, tenant, salt) else None)
         if self.cluster is not None and None in out:
             miss = [i for i, o in enumerate(out) if o is None]
             for i, there in zip(miss, self.cluster.contains([derive_key(salt, hashes[i]) for i in miss])):
@@ -1010,7 +1048,7 @@ class Engine:
         for h in hashes:
             b = self.blocks.get(derive_key(salt, h))
             b = self._known(b)
-            if b is None or b.tenant != tenant:
+            if not self._mine(b, tenant, salt):
                 continue
             if b.leases:
                 raise err(errno.EBUSY, f"block {b.key.hex()} is being read")
@@ -1129,6 +1167,9 @@ class Engine:
                          "used_bytes": tier.used_bytes, "blocks": len(tier),
                          "hits": self.hits_by_tier[t], "backend": getattr(tier, "backend", "file"),
                          "backend_note": getattr(tier, "backend_note", "")})
+            if hasattr(tier, "resident_bytes"):
+                # arena sets (one per tenant salt that has bound) and the memory they hold, punched free extents not
+                rows[-1].update(domains=len(tier.domains), resident_bytes=tier.resident_bytes())
             if hasattr(tier, "quant_stats") and not tier.codec.lossless:
                 rows[-1]["quant"] = tier.quant_stats()   # the error measured on what it quantised
             if hasattr(tier, "gpu_stats"):

@@ -106,6 +106,7 @@ class Heat:
         self._fault_prev: dict[int, tuple[int, float]] = {}
         self.fault_rates: dict[int, float] = {}
         self._regions: dict[int, tuple[int, int, int]] | None = None
+        self._regions_generation: tuple = ()
 
     # -- life cycle ---------------------------------------------------------------------------------
     @property
@@ -156,16 +157,19 @@ class Heat:
 
     # -- the daemon's kvtier.ko regions ---------------------------------------------------------------
     def _region_map(self) -> dict[int, tuple[int, int, int]]:
-        """region id -> (tier index, arena index, block bytes) for the memory tiers on kvtier.ko."""
-        if self._regions is None:
+        """region id -> (tier index, arena index, block bytes) for the memory tiers on kvtier.ko (rebuilt when a
+        tier opens or closes a tenant domain's arenas)."""
+        tiers = self.engine.tiers[:self.engine.mem_count]
+        generation = tuple(getattr(tier, "arena_generation", 0) for tier in tiers)
+        if self._regions is None or generation != self._regions_generation:
             from kvtier.store.memory import KMOD_BLOCK_BYTES
             out = {}
-            for t, tier in enumerate(self.engine.tiers[:self.engine.mem_count]):
+            for t, tier in enumerate(tiers):
                 arenas = getattr(tier, "arenas", None)   # a GPU tier has none: no faults to attribute
                 for a, h in enumerate(arenas() if arenas else []):
-                    if h.get("kind") == "kvtier":
+                    if h is not None and h.get("kind") == "kvtier":
                         out[int(h["region_id"])] = (t, a, KMOD_BLOCK_BYTES)
-            self._regions = out
+            self._regions, self._regions_generation = out, generation
         return self._regions
 
     def _extents(self, t: int) -> tuple[list, list]:

@@ -89,11 +89,13 @@ def build_tiers(cfg) -> list:
 
 
 class Connection:
-    __slots__ = ("sock", "uid", "gid", "pid", "tenant", "txns", "leases", "groups", "refused", "spares", "staged")
+    __slots__ = ("sock", "uid", "gid", "pid", "tenant", "domain", "txns", "leases", "groups", "refused", "spares",
+                 "staged")
 
     def __init__(self, sock, uid, gid, pid, groups):
         self.sock, self.uid, self.gid, self.pid, self.groups = sock, uid, gid, pid, groups
         self.tenant = None
+        self.domain = None   # the tenant's salt when it bound: the memory it may map (engine.open_domain)
         self.txns: set[int] = set()
         self.leases: set[int] = set()
         self.spares: dict[int, tuple] = {}   # spare slots this client may fill (engine.spare_reserve)
@@ -283,6 +285,13 @@ class Server:
             return
         self.cfg.tenants = new.tenants
         self.engine.salts.clear()
+        for conn in list(self.conns.values()):
+            # a tenant whose salt or allowed uids changed binds again (its mappings are the old domain's)
+            if conn.tenant is not None:
+                uids = self.cfg.tenant(conn.tenant).uids
+                if self.engine.salt(conn.tenant) != conn.domain or (uids is not None and conn.uid not in uids):
+                    log.info("closing pid %d's connection: tenant %s changed", conn.pid, conn.tenant)
+                    self._close(conn)
         self.cfg.admin_uids, self.cfg.admin_gids = new.admin_uids, new.admin_gids
         self.cfg.min_block_bytes, self.cfg.max_block_bytes = new.min_block_bytes, new.max_block_bytes
         self.cfg.nominal_block_bytes = new.nominal_block_bytes
@@ -330,6 +339,8 @@ class Server:
             pass
         self.conns.pop(conn.sock.fileno(), None)
         conn.sock.close()
+        if conn.domain is not None and not any(c.domain == conn.domain for c in self.conns.values()):
+            self.engine.release_domain(conn.domain)   # kept while it stores blocks
 
     def _serve(self, conn: Connection) -> None:
         try:
@@ -423,7 +434,8 @@ class Server:
         return v
 
     def _arena_reply(self, conn) -> tuple[dict, list[int]]:
-        arenas = self.engine.arenas()
+        """The arenas of the connection's domain only: a client maps no other tenant's memory."""
+        arenas = self.engine.arenas(conn.domain)
         fds = []
         for a in arenas:
             if a["kind"] == "memfd":
@@ -443,6 +455,10 @@ class Server:
         tc = self.cfg.tenant(tenant)
         if tc.uids is not None and conn.uid not in tc.uids:
             raise OSError(errno.EACCES, f"uid {conn.uid} may not bind to tenant {tenant}")
+        if conn.tenant is not None and conn.tenant != tenant:
+            # its spares and mappings are the first tenant's memory
+            raise OSError(errno.EISCONN, f"this connection is bound to tenant {conn.tenant}; connect again")
+        conn.domain = self.engine.open_domain(tenant, {c.domain for c in self.conns.values()})
         conn.tenant = tenant
         reply, fds = self._arena_reply(conn)
         reply.update(tenant=tenant, version=protocol.VERSION, spare_slots=True,
@@ -491,8 +507,8 @@ class Server:
                     self.engine.spare_free(conn.spares, sid)
         want = msg.get("want")
         if want is not None:
-            reply["spares"] = self.engine.spare_reserve(conn.spares, self._list(msg, "want"), self._spare_budget())
-            reply["arena_count"] = len(self.engine.arena_table)
+            reply["spares"] = self.engine.spare_reserve(conn.spares, self._list(msg, "want"), self._spare_budget(),
+                                                        conn.domain)
 
     def op_spare(self, conn, msg):
         self._tenant(conn)
@@ -597,7 +613,7 @@ class Server:
             reply = {"txn": 0, "slots": slots, "stored": 0}
         else:
             conn.txns.add(txn)
-            reply = {"txn": txn, "slots": slots, "arena_count": len(self.engine.arena_table)}
+            reply = {"txn": txn, "slots": slots}
         try:
             self._spares(conn, msg, reply)
         except OSError:
@@ -631,7 +647,7 @@ class Server:
                                                self._list(msg, "blocks"))
         if lease in self.engine.leases:
             conn.leases.add(lease)
-        return {"lease": lease, "slots": slots, "tiers": served, "arena_count": len(self.engine.arena_table)}, []
+        return {"lease": lease, "slots": slots, "tiers": served}, []
 
     def op_release(self, conn, msg):
         lease = self._int(msg, "lease")
@@ -646,8 +662,7 @@ class Server:
     def op_delete(self, conn, msg):
         reply = {"deleted": self.engine.delete(self._tenant(conn), self._list(msg, "blocks"))}
         if reply["deleted"] and conn.spares and msg.get("spare_pool"):
-            reply["spare_pool"] = self.engine.spare_refresh(conn.spares)   # the client replaces its spares
-            reply["arena_count"] = len(self.engine.arena_table)
+            reply["spare_pool"] = self.engine.spare_refresh(conn.spares, conn.domain)   # the client replaces its spares
         return reply, []
 
     # admin and tenant-scoped views

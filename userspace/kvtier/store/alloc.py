@@ -96,6 +96,10 @@ class ExtentAllocator:
     def free_extents(self) -> int:
         return len(self._sizes)
 
+    def free_ranges(self) -> list[tuple[int, int]]:
+        """The free extents as [(start, nbytes)], in no particular order."""
+        return list(self._by_start.items())
+
     @classmethod
     def from_used(cls, size_bytes: int, unit_bytes: int, extents) -> "ExtentAllocator":
         """An allocator whose used extents are `extents` [(start, nbytes)], non-overlapping (recovery)."""

@@ -6,6 +6,12 @@ created on nodes[0] (clients attach it after grant(arena, uid) and mmap /dev/kvt
 Blocks are extents of an arena (ExtentAllocator, 64-byte units). A block is visible (contains, get,
 locate) only once committed.
 
+Domains: a tier keeps one set of arenas per domain (the daemon's domain is a tenant's key salt), so a client
+maps only its own tenant's memory. The arenas the tier starts with go to the first domain that asks (the common
+one-tenant case costs nothing); later domains get arenas of their own, sparse until written. Resident memory is
+bounded across domains: every so many allocated bytes the tier compares its arenas' resident pages with its
+capacity and, past 1/TRIM_SLACK over it, punches their free extents out (memfd: FALLOC_FL_PUNCH_HOLE).
+
 Checksums (checksum="lazy", the default): memory is not where corruption comes from, so commit is O(1)
 metadata and no checksum is taken while a block sits in memory; checksum_of() / verify() compute and
 record it when a block leaves the tier (its NVMe record needs it) or on request, and a get verifies a
@@ -30,9 +36,23 @@ PAGE_ALIGN_MIN = 64 << 10  # blocks this big start on a page: O_DIRECT to/from N
 KMOD_BLOCK_BYTES = 2 << 20  # kvtier.ko region block: a page multiple, the driver's unit of migration
 MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable without touching them
 POPULATE_CHUNK = 8 << 20   # per madvise call: a close() waits at most this long for a prefault to stop
+DEFAULT_DOMAIN = b""       # callers that do not separate tenants (tools, tests) share this one
+MAX_DOMAINS = 256          # arena sets per tier: each is a memfd (or kvtier.ko regions) and a client mapping
+TRIM_SLACK = 8             # resident bytes may pass capacity by 1/TRIM_SLACK before free extents are punched
+TRIM_CHECK_MIN_BYTES = 4 << 20   # resident is checked after every capacity/16 (at least this) allocated bytes
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    """Give [offset, offset+length) of a memfd back to the kernel (pages read as zeros afterwards, in every
+    mapping)."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"fallocate(PUNCH_HOLE): {os.strerror(e)}")
 
 
 def populate(addr: int, length: int, stop: threading.Event | None = None) -> str:
@@ -70,6 +90,26 @@ class _Arena:
         self.alloc = ExtentAllocator(size, ALIGN_BYTES)
         self.addr = numa.address_of(buf) if size else 0
         self.prefault = False   # clients populate their mapping too (page tables: ~1.5 us a page otherwise)
+        self.domain: bytes | None = None   # whose blocks it holds; None until a domain takes it
+        self.dev = None   # kvtier.ko device of a "kvtier" arena
+
+    def resident_bytes(self) -> int:
+        if self.dev is not None:
+            return self.dev.info(self.region.id)["resident_bytes"]
+        return os.fstat(self.fd).st_blocks * 512
+
+    def punch_free(self) -> None:
+        """Give back the memory under every free extent (its blocks are untouched): a memfd's whole pages are
+        punched out, a kvtier.ko region's whole region blocks discarded (KVTIER_IOC_DISCARD)."""
+        unit = numa.PAGE_SIZE if self.dev is None else self.region.block_bytes
+        for start, size in self.alloc.free_ranges():
+            lo, hi = -(-start // unit) * unit, (start + size) // unit * unit
+            if hi <= lo:
+                continue
+            if self.dev is None:
+                punch(self.fd, lo, hi - lo)
+            else:
+                self.dev.discard(self.region.id, lo // unit, (hi - lo) // unit)
 
     def handle(self) -> dict:
         if self.kind == "memfd":
@@ -107,7 +147,9 @@ class MemoryTier(Tier):
             raise ValueError(f"tier {name}: nodes must name at least one NUMA node")
         self._blocks: dict[bytes, _Block] = {}
         self._pending: dict[bytes, _Block] = {}  # reserved, not yet committed
-        self._arenas: list[_Arena] = []
+        self._arenas: list[_Arena | None] = []   # Slot.arena indexes it; a released arena leaves None
+        self._domains: dict[bytes, list[int]] = {}   # domain -> its arenas
+        self.arena_generation = 0   # counts arena sets opened and closed (for whoever caches arenas())
         self._dev = None
         self.backend_note = ""
         self._stats.update(reserves=0, commits=0, aborts=0, migrations=0, migrated_bytes=0)
@@ -115,6 +157,7 @@ class MemoryTier(Tier):
         if backend in ("auto", "kmod"):
             try:
                 self._open_kmod()
+                self._add_kmod_arenas()
                 self.backend = "kmod"
             except OSError as e:
                 self._close_arenas()
@@ -131,12 +174,18 @@ class MemoryTier(Tier):
         self.prefault_note = ""
         for a in self._arenas:
             a.prefault = self.prefault
+        # resident memory across domains is checked after this many allocated bytes (see trim())
+        self._trim_check_bytes = max(self.capacity_bytes // 16, TRIM_CHECK_MIN_BYTES)
+        self._allocated_since_check = 0
+        self._stats.update(trims=0)
         if self.prefault:
-            self._prefault_thread = threading.Thread(target=self._prefault, name=f"prefault-{name}", daemon=True)
+            self._prefault_thread = threading.Thread(target=self._prefault, args=(list(self._arenas),),
+                                                     name=f"prefault-{name}", daemon=True)
             self._prefault_thread.start()
 
-    def _prefault(self) -> None:
-        for a in self._arenas:
+    def _prefault(self, arenas: list[_Arena]) -> None:
+        # only the arenas the tier started with (the first domain's): a later domain's arena stays sparse
+        for a in arenas:
             why = populate(a.addr, a.size, self._prefault_stop)
             if why:
                 self.prefault_note = why
@@ -145,6 +194,7 @@ class MemoryTier(Tier):
     # -- arenas -----------------------------------------------------------------------------------
 
     def _open_memfd(self) -> None:
+        """Add a memfd arena of the tier's capacity (sparse: pages are taken as they are written)."""
         size = (self.capacity_bytes + numa.PAGE_SIZE - 1) // numa.PAGE_SIZE * numa.PAGE_SIZE
         fd = os.memfd_create(f"kvtier-{self.name}", os.MFD_CLOEXEC)
         try:
@@ -166,44 +216,140 @@ class MemoryTier(Tier):
         if not os.path.exists(kmod.DEVICE_PATH):
             raise OSError(errno.ENOENT, f"no {kmod.DEVICE_PATH}")
         self._dev = kmod.Device()
-        api = self._dev.api()
-        max_region = api["max_region_bytes"] or self.capacity_bytes
+
+    def _add_kmod_arenas(self) -> None:
+        """Add kvtier.ko regions covering the tier's capacity (the driver allocates a page on first touch)."""
+        max_region = self._dev.api()["max_region_bytes"] or self.capacity_bytes
         max_region -= max_region % KMOD_BLOCK_BYTES
         left = (self.capacity_bytes + KMOD_BLOCK_BYTES - 1) // KMOD_BLOCK_BYTES * KMOD_BLOCK_BYTES
+        covered = 0
         while left > 0:
             size = min(left, max_region)
             region = self._dev.create_region(size, KMOD_BLOCK_BYTES, self.nodes[0])
-            buf = self._dev.mmap(region)
+            try:
+                buf = self._dev.mmap(region)
+            except OSError:
+                self._dev.release(region.id)
+                raise
             # capacity is exact: the last arena's rounding is not handed out
-            usable = min(size, self.capacity_bytes - sum(a.alloc.size_bytes for a in self._arenas))
+            usable = min(size, self.capacity_bytes - covered)
             arena = _Arena("kvtier", size, buf, region=region)
             arena.alloc = ExtentAllocator(usable, ALIGN_BYTES)
+            arena.dev = self._dev
             self._arenas.append(arena)
+            covered += usable
             left -= size
+
+    def _close_arena(self, arena: _Arena) -> None:
+        try:
+            arena.view.release()
+            arena.buf.close()
+        except BufferError:
+            pass  # a view handed out by view() is still alive; the mapping goes with it
+        if arena.fd >= 0:
+            os.close(arena.fd)
+        if arena.region is not None and self._dev is not None:
+            try:
+                self._dev.release(arena.region.id)
+            except OSError:
+                pass
 
     def _close_arenas(self) -> None:
         for arena in self._arenas:
-            try:
-                arena.view.release()
-                arena.buf.close()
-            except BufferError:
-                pass  # a view handed out by view() is still alive; the mapping goes with it
-            if arena.fd >= 0:
-                os.close(arena.fd)
-            if arena.region is not None and self._dev is not None:
-                try:
-                    self._dev.release(arena.region.id)
-                except OSError:
-                    pass
+            if arena is not None:
+                self._close_arena(arena)
         self._arenas = []
+        self._domains = {}
         if self._dev is not None:
             self._dev.close()
             self._dev = None
 
-    def arenas(self) -> list[dict]:
+    def arenas(self) -> list[dict | None]:
         """How a client maps each arena: {"kind": "memfd", "fd", "size"} or
-        {"kind": "kvtier", "region_id", "mmap_offset", "size"}; Slot.arena indexes this list."""
-        return [a.handle() for a in self._arenas]
+        {"kind": "kvtier", "region_id", "mmap_offset", "size"} (None: released); Slot.arena indexes this list.
+        A client of one domain is given only domain_arenas(domain) of it."""
+        return [a.handle() if a is not None else None for a in self._arenas]
+
+    # -- domains ------------------------------------------------------------------------------------
+
+    def domain_arenas(self, domain: bytes) -> list[int]:
+        """The indexes of `domain`'s arenas, made on first use: the arenas the tier started with go to the first
+        domain, later ones get arenas of their own (EUSERS past MAX_DOMAINS)."""
+        idx = self._domains.get(domain)
+        if idx is not None:
+            return idx
+        with self._lock:
+            self._check_open()
+            if domain in self._domains:
+                return self._domains[domain]
+            idx = [i for i, a in enumerate(self._arenas) if a is not None and a.domain is None]
+            if not idx:
+                if len(self._domains) >= MAX_DOMAINS:
+                    raise OSError(errno.EUSERS, f"tier {self.name}: {MAX_DOMAINS} tenant domains hold arenas "
+                                                f"already")
+                first = len(self._arenas)
+                try:
+                    self._add_kmod_arenas() if self.backend == "kmod" else self._open_memfd()
+                except OSError:
+                    for a in self._arenas[first:]:
+                        self._close_arena(a)
+                    del self._arenas[first:]
+                    raise
+                idx = list(range(first, len(self._arenas)))
+            for i in idx:
+                self._arenas[i].domain = domain
+            self._domains[domain] = idx
+            self.arena_generation += 1
+            return idx
+
+    def release_domain(self, domain: bytes) -> bool:
+        """Close `domain`'s arenas if nothing is stored or reserved in them (their pages go back even where a
+        client still maps them); False if something is. Arenas are never handed to another domain: a process
+        of this one may keep its mapping."""
+        with self._lock:
+            idx = self._domains.get(domain)
+            if idx is None:
+                return True
+            if any(self._arenas[i].alloc.used_bytes for i in idx):
+                return False
+            if self._prefault_thread is not None and any(self._arenas[i].prefault for i in idx):
+                self._prefault_stop.set()   # it may be populating one of them
+                self._prefault_thread.join()
+                self._prefault_thread = None
+            for i in idx:
+                a = self._arenas[i]
+                a.punch_free()   # all of it is free
+                self._close_arena(a)
+                self._arenas[i] = None
+            del self._domains[domain]
+            self.arena_generation += 1
+            return True
+
+    @property
+    def domains(self) -> list[bytes]:
+        return list(self._domains)
+
+    def resident_bytes(self) -> int:
+        """Memory the arenas hold (pages written and not given back since)."""
+        return sum(a.resident_bytes() for a in self._arenas if a is not None)
+
+    def trim(self, force: bool = False) -> int:
+        """When the arenas hold more than capacity + 1/TRIM_SLACK (or `force`), punch the free extents of the
+        arenas holding most beyond their blocks until at most capacity is resident; returns the bytes let go."""
+        with self._lock:
+            arenas = [a for a in self._arenas if a is not None]
+            held = {id(a): a.resident_bytes() for a in arenas}
+            total = before = sum(held.values())
+            if not force and total <= self.capacity_bytes + self.capacity_bytes // TRIM_SLACK:
+                return 0
+            for a in sorted(arenas, key=lambda a: a.alloc.used_bytes - held[id(a)]):
+                if not force and total <= self.capacity_bytes:
+                    break
+                a.punch_free()
+                now = a.resident_bytes()
+                total -= held[id(a)] - now
+            self._stats["trims"] += 1
+            return before - total
 
     def grant(self, arena: int, uid: int, revoke: bool = False) -> None:
         """Let `uid` attach a kvtier.ko arena (no-op for memfd: holding the fd is the permission)."""
@@ -215,16 +361,26 @@ class MemoryTier(Tier):
 
     @property
     def used_bytes(self) -> int:
-        return sum(a.alloc.used_bytes for a in self._arenas)
+        return sum(a.alloc.used_bytes for a in self._arenas if a is not None)
 
-    def _alloc(self, nbytes: int) -> Slot | None:
+    def _alloc(self, nbytes: int, domain: bytes) -> Slot | None:
+        idx = self.domain_arenas(domain)
+        if len(self._domains) > 1:
+            # Capacity is the tier's, across domains (each domain's arenas span all of it).
+            if self.used_bytes + nbytes > self.capacity_bytes:
+                return None
+            self._allocated_since_check += nbytes
+            if self._allocated_since_check >= self._trim_check_bytes:
+                self._allocated_since_check = 0
+                self.trim()
+        arenas = self._arenas
         if nbytes >= PAGE_ALIGN_MIN:
-            for i, arena in enumerate(self._arenas):
-                off = self._alloc_page_aligned(arena, nbytes)
+            for i in idx:
+                off = self._alloc_page_aligned(arenas[i], nbytes)
                 if off is not None:
                     return Slot(i, off, nbytes)
-        for i, arena in enumerate(self._arenas):   # no aligned room: any fit (only the copy path is slower)
-            off = arena.alloc.alloc(nbytes)
+        for i in idx:   # no aligned room: any fit (only the copy path is slower)
+            off = arenas[i].alloc.alloc(nbytes)
             if off is not None:
                 return Slot(i, off, nbytes)
         return None
@@ -249,8 +405,9 @@ class MemoryTier(Tier):
     def _free(self, b: _Block) -> None:
         self._arenas[b.arena].alloc.free(b.offset, b.nbytes)
 
-    def reserve(self, key: bytes, nbytes: int) -> Slot:
-        """Space for a block a client writes directly; invisible until commit(key)."""
+    def reserve(self, key: bytes, nbytes: int, domain: bytes = DEFAULT_DOMAIN) -> Slot:
+        """Space for a block a client writes directly, in one of `domain`'s arenas; invisible until
+        commit(key)."""
         key = check_key(key)
         nbytes = int(nbytes)
         if nbytes < 0:
@@ -260,7 +417,7 @@ class MemoryTier(Tier):
             old_pending = self._pending.pop(key, None)
             if old_pending is not None:
                 self._free(old_pending)
-            slot = self._alloc(nbytes)
+            slot = self._alloc(nbytes, domain)
             if slot is None:
                 self._stats["enospc"] += 1
                 raise enospc(self.name, nbytes, self.used_bytes, self.capacity_bytes)
@@ -349,10 +506,10 @@ class MemoryTier(Tier):
 
     # -- Tier -------------------------------------------------------------------------------------
 
-    def put(self, key: bytes, data) -> int:
+    def put(self, key: bytes, data, domain: bytes = DEFAULT_DOMAIN) -> int:
         src = memoryview(data).cast("B")
         try:
-            slot = self.reserve(key, src.nbytes)
+            slot = self.reserve(key, src.nbytes, domain)
         except OSError as e:
             slot = self._reserve_in_place_of(key, src.nbytes, e)
         try:
@@ -372,7 +529,7 @@ class MemoryTier(Tier):
             if error.errno != errno.ENOSPC or old is None:
                 raise error
             self._free(old)
-            slot = self._alloc(nbytes)
+            slot = self._alloc(nbytes, self._arenas[old.arena].domain)
             if slot is None:
                 arena = self._arenas[old.arena].alloc
                 if not arena.alloc_at(old.offset, old.nbytes):  # cannot happen: nothing ran in between
@@ -449,6 +606,8 @@ class MemoryTier(Tier):
         """{node: resident pages} over all arenas."""
         out: dict[int, int] = {}
         for a in self._arenas:
+            if a is None:
+                continue
             if a.kind == "kvtier":
                 pages = {n: b // numa.PAGE_SIZE for n, b in self._dev.info(a.region.id)["node_bytes"].items()}
             else:
@@ -465,6 +624,8 @@ class MemoryTier(Tier):
         with self._lock:
             self._check_open()
             for a in self._arenas:
+                if a is None:
+                    continue
                 if a.kind == "kvtier":
                     moved += self._dev.migrate(a.region.id, 0, a.region.nr_blocks, node)[0]
                     continue
@@ -486,7 +647,8 @@ class MemoryTier(Tier):
 
     def stats(self) -> dict:
         out = super().stats()
-        out.update(backend=self.backend, checksum=self.checksum_mode, nodes=list(self.nodes), arenas=len(self._arenas),
+        out.update(backend=self.backend, checksum=self.checksum_mode, nodes=list(self.nodes), arenas=sum(a is not None for a in self._arenas),
+                   domains=len(self._domains),
                    reserved_blocks=len(self._pending))
         if self.backend_note:
             out["backend_note"] = self.backend_note

@@ -74,6 +74,7 @@ struct kvtier_tags {
 #define KVTIER_FEATURE_GRANT		(1ULL << 2)
 #define KVTIER_FEATURE_MOVABLE_NODES	(1ULL << 3)	/* allocates on ZONE_MOVABLE-only nodes (dax kmem) */
 #define KVTIER_FEATURE_ACCESS_RESET	(1ULL << 4)	/* KVTIER_IOC_ACCESS_RESET: access sampling */
+#define KVTIER_FEATURE_DISCARD		(1ULL << 5)	/* KVTIER_IOC_DISCARD: give blocks' pages back */
 
 struct kvtier_api {
 	__u32 api_version;	/* KVTIER_API_VERSION */
@@ -191,6 +192,14 @@ struct kvtier_range {
  * probes that keep per-block heat (bpf/). Empty blocks are left alone.
  */
 
+/*
+ * KVTIER_IOC_DISCARD (struct kvtier_range): free the blocks' pages, unmapping them
+ * from every process; the next touch of a page faults in a zeroed one on the block's
+ * node. A shared block drops only its own reference to the pages it shares. For a
+ * user of the region that frees a block's contents (kvtierd trims free space), as
+ * FALLOC_FL_PUNCH_HOLE does for a memfd.
+ */
+
 /* KVTIER_IOC_BLOCK_QUERY: one kvtier_block_state per block into entries_ptr. */
 #define KVTIER_BLOCK_POPULATED	(1U << 0)	/* every page allocated */
 #define KVTIER_BLOCK_PARTIAL	(1U << 1)	/* some pages allocated */
@@ -253,6 +262,7 @@ struct kvtier_stats {
 #define KVTIER_IOC_GRANT		_IOW(KVTIER_IOC_MAGIC, 0x0a, struct kvtier_grant)
 #define KVTIER_IOC_STATS		_IOR(KVTIER_IOC_MAGIC, 0x0b, struct kvtier_stats)
 #define KVTIER_IOC_ACCESS_RESET		_IOW(KVTIER_IOC_MAGIC, 0x0c, struct kvtier_range)
+#define KVTIER_IOC_DISCARD		_IOW(KVTIER_IOC_MAGIC, 0x0d, struct kvtier_range)
 
 /* ---- generic netlink family "kvtier" (spec: kmod/netlink/kvtier.yaml) ---- */
 

@@ -343,3 +343,20 @@ def test_kmod_domains_get_their_own_regions_and_trim_discards(kvtier_dev):
         assert t.resident_bytes() == 0
     finally:
         t.close()
+
+
+@pytest.mark.guest("numa", "tiered")
+def test_kmod_domain_over_max_total_gets_a_memfd_arena(kvtier_dev):
+    """kvtier.ko counts every region's full size against max_total_bytes: a second domain whose regions do not fit
+    gets a memfd arena (placed with mbind) rather than failing its tenant's hello."""
+    cap = kvtier_dev.api()["max_total_bytes"] * 3 // 5 // (2 << 20) * (2 << 20)
+    t = MemoryTier("dram0", "dram", [0], cap, backend="kmod")
+    try:
+        t.put(key(1), b"a" * 4096, domain=b"one")
+        t.put(key(2), b"b" * 4096, domain=b"two")
+        kinds = {d: {t.arenas()[i]["kind"] for i in t.domain_arenas(d)} for d in (b"one", b"two")}
+        assert kinds == {b"one": {"kvtier"}, b"two": {"memfd"}}, kinds
+        assert t.get(key(1)) == b"a" * 4096 and t.get(key(2)) == b"b" * 4096
+        assert "memfd arena" in t.backend_note
+    finally:
+        t.close()

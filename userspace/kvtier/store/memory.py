@@ -289,7 +289,19 @@ class MemoryTier(Tier):
                                                 f"already")
                 first = len(self._arenas)
                 try:
-                    self._add_kmod_arenas() if self.backend == "kmod" else self._open_memfd()
+                    if self.backend == "kmod":
+                        try:
+                            self._add_kmod_arenas()
+                        except OSError as e:
+                            # e.g. the module's max_total_bytes, which counts every region's full size: this
+                            # domain's memory is a memfd, placed with mbind, as without the module
+                            for a in self._arenas[first:]:
+                                self._close_arena(a)
+                            del self._arenas[first:]
+                            self.backend_note = f"a tenant's kvtier.ko regions failed ({e.strerror}): memfd arena"
+                            self._open_memfd()
+                    else:
+                        self._open_memfd()
                 except OSError:
                     for a in self._arenas[first:]:
                         self._close_arena(a)

@@ -96,6 +96,9 @@ class TenantConfig:
     salt: bytes
     uids: list[int] | None = None   # None: any uid allowed to connect
 
+    def allows(self, uid: int) -> bool:
+        return self.uids is None or uid in self.uids
+
 
 @dataclass
 class Config:

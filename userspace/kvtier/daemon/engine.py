@@ -586,8 +586,8 @@ class Engine:
         if state not in STATES:
             raise err(errno.EINVAL, f"unknown session state {state!r}; valid: {', '.join(STATES)}")
         if block_types is not None:
+            salt = self.salt(tenant)
             for key_hash, btype in block_types:
-                salt = self.salt(tenant)
                 b = self.blocks.get(derive_key(salt, key_hash))
                 if self._mine(b, tenant, salt):
                     b.btype = BLOCK_TYPES.get(btype, btype) if isinstance(btype, str) else int(btype)
@@ -679,8 +679,9 @@ class Engine:
         return txn, slots
 
     def _reserve_in(self, t: int, key: bytes, nbytes: int, domain: bytes):
-        """A slot in memory tier t, in domain's arenas: victims are demoted until nbytes fit under its limit and, when its arena is
-        fragmented, until a free extent is large enough (ENOSPC once nothing is left to demote)."""
+        """A slot in memory tier t, in domain's arenas: victims are demoted until nbytes fit under its limit and,
+        when its arena is fragmented, until a free extent is large enough (ENOSPC once nothing is left to
+        demote)."""
         self._room(t, nbytes)
         while True:
             try:

@@ -288,8 +288,7 @@ class Server:
         for conn in list(self.conns.values()):
             # a tenant whose salt or allowed uids changed binds again (its mappings are the old domain's)
             if conn.tenant is not None:
-                uids = self.cfg.tenant(conn.tenant).uids
-                if self.engine.salt(conn.tenant) != conn.domain or (uids is not None and conn.uid not in uids):
+                if self.engine.salt(conn.tenant) != conn.domain or not self.cfg.tenant(conn.tenant).allows(conn.uid):
                     log.info("closing pid %d's connection: tenant %s changed", conn.pid, conn.tenant)
                     self._close(conn)
         self.cfg.admin_uids, self.cfg.admin_gids = new.admin_uids, new.admin_gids
@@ -452,8 +451,7 @@ class Server:
         if msg.get("version", protocol.VERSION) != protocol.VERSION:
             raise OSError(errno.EPROTO, f"protocol version {msg.get('version')!r} not supported; "
                                         f"this daemon speaks {protocol.VERSION}")
-        tc = self.cfg.tenant(tenant)
-        if tc.uids is not None and conn.uid not in tc.uids:
+        if not self.cfg.tenant(tenant).allows(conn.uid):
             raise OSError(errno.EACCES, f"uid {conn.uid} may not bind to tenant {tenant}")
         if conn.tenant is not None and conn.tenant != tenant:
             # its spares and mappings are the first tenant's memory
@@ -662,7 +660,8 @@ class Server:
     def op_delete(self, conn, msg):
         reply = {"deleted": self.engine.delete(self._tenant(conn), self._list(msg, "blocks"))}
         if reply["deleted"] and conn.spares and msg.get("spare_pool"):
-            reply["spare_pool"] = self.engine.spare_refresh(conn.spares, conn.domain)   # the client replaces its spares
+            # the client replaces its spares
+            reply["spare_pool"] = self.engine.spare_refresh(conn.spares, conn.domain)
         return reply, []
 
     # admin and tenant-scoped views

@@ -91,25 +91,6 @@ class _Arena:
         self.addr = numa.address_of(buf) if size else 0
         self.prefault = False   # clients populate their mapping too (page tables: ~1.5 us a page otherwise)
         self.domain: bytes | None = None   # whose blocks it holds; None until a domain takes it
-        self.dev = None   # kvtier.ko device of a "kvtier" arena
-
-    def resident_bytes(self) -> int:
-        if self.dev is not None:
-            return self.dev.info(self.region.id)["resident_bytes"]
-        return os.fstat(self.fd).st_blocks * 512
-
-    def punch_free(self) -> None:
-        """Give back the memory under every free extent (its blocks are untouched): a memfd's whole pages are
-        punched out, a kvtier.ko region's whole region blocks discarded (KVTIER_IOC_DISCARD)."""
-        unit = numa.PAGE_SIZE if self.dev is None else self.region.block_bytes
-        for start, size in self.alloc.free_ranges():
-            lo, hi = -(-start // unit) * unit, (start + size) // unit * unit
-            if hi <= lo:
-                continue
-            if self.dev is None:
-                punch(self.fd, lo, hi - lo)
-            else:
-                self.dev.discard(self.region.id, lo // unit, (hi - lo) // unit)
 
     def handle(self) -> dict:
         if self.kind == "memfd":
@@ -235,7 +216,6 @@ class MemoryTier(Tier):
             usable = min(size, self.capacity_bytes - covered)
             arena = _Arena("kvtier", size, buf, region=region)
             arena.alloc = ExtentAllocator(usable, ALIGN_BYTES)
-            arena.dev = self._dev
             self._arenas.append(arena)
             covered += usable
             left -= size
@@ -288,25 +268,18 @@ class MemoryTier(Tier):
                     raise OSError(errno.EUSERS, f"tier {self.name}: {MAX_DOMAINS} tenant domains hold arenas "
                                                 f"already")
                 first = len(self._arenas)
-                try:
-                    if self.backend == "kmod":
-                        try:
-                            self._add_kmod_arenas()
-                        except OSError as e:
-                            # e.g. the module's max_total_bytes, which counts every region's full size: this
-                            # domain's memory is a memfd, placed with mbind, as without the module
-                            for a in self._arenas[first:]:
-                                self._close_arena(a)
-                            del self._arenas[first:]
-                            self.backend_note = f"a tenant's kvtier.ko regions failed ({e.strerror}): memfd arena"
-                            self._open_memfd()
-                    else:
-                        self._open_memfd()
-                except OSError:
-                    for a in self._arenas[first:]:
-                        self._close_arena(a)
-                    del self._arenas[first:]
-                    raise
+                if self.backend == "kmod":
+                    try:
+                        self._add_kmod_arenas()
+                    except OSError as e:
+                        # e.g. the module's max_total_bytes, which counts every region's full size: this
+                        # domain's memory is a memfd, placed with mbind, as without the module
+                        for a in self._arenas[first:]:
+                            self._close_arena(a)
+                        del self._arenas[first:]
+                        self.backend_note = f"a tenant's kvtier.ko regions failed ({e.strerror}): memfd arena"
+                if len(self._arenas) == first:
+                    self._open_memfd()   # adds its arena only once it is mapped
                 idx = list(range(first, len(self._arenas)))
             for i in idx:
                 self._arenas[i].domain = domain
@@ -330,7 +303,7 @@ class MemoryTier(Tier):
                 self._prefault_thread = None
             for i in idx:
                 a = self._arenas[i]
-                a.punch_free()   # all of it is free
+                self._give_back_free(a)   # all of it is free
                 self._close_arena(a)
                 self._arenas[i] = None
             del self._domains[domain]
@@ -341,25 +314,41 @@ class MemoryTier(Tier):
     def domains(self) -> list[bytes]:
         return list(self._domains)
 
+    def _resident(self, a: _Arena) -> int:
+        if a.kind == "kvtier":
+            return self._dev.info(a.region.id)["resident_bytes"]
+        return os.fstat(a.fd).st_blocks * 512
+
+    def _give_back_free(self, a: _Arena) -> None:
+        """Give back the memory under every free extent of `a` (its blocks are untouched): a memfd's whole pages
+        are punched out, a kvtier.ko region's whole region blocks discarded (KVTIER_IOC_DISCARD)."""
+        unit = a.region.block_bytes if a.kind == "kvtier" else numa.PAGE_SIZE
+        for start, size in a.alloc.free_ranges():
+            lo, hi = -(-start // unit) * unit, (start + size) // unit * unit
+            if hi <= lo:
+                continue
+            if a.kind == "kvtier":
+                self._dev.discard(a.region.id, lo // unit, (hi - lo) // unit)
+            else:
+                punch(a.fd, lo, hi - lo)
+
     def resident_bytes(self) -> int:
         """Memory the arenas hold (pages written and not given back since)."""
-        return sum(a.resident_bytes() for a in self._arenas if a is not None)
+        return sum(self._resident(a) for a in self._arenas if a is not None)
 
     def trim(self, force: bool = False) -> int:
-        """When the arenas hold more than capacity + 1/TRIM_SLACK (or `force`), punch the free extents of the
+        """When the arenas hold more than capacity + 1/TRIM_SLACK (or `force`), give back the free extents of the
         arenas holding most beyond their blocks until at most capacity is resident; returns the bytes let go."""
         with self._lock:
-            arenas = [a for a in self._arenas if a is not None]
-            held = {id(a): a.resident_bytes() for a in arenas}
-            total = before = sum(held.values())
+            held = [(a, self._resident(a)) for a in self._arenas if a is not None]
+            total = before = sum(r for _, r in held)
             if not force and total <= self.capacity_bytes + self.capacity_bytes // TRIM_SLACK:
                 return 0
-            for a in sorted(arenas, key=lambda a: a.alloc.used_bytes - held[id(a)]):
+            for a, resident in sorted(held, key=lambda ar: ar[0].alloc.used_bytes - ar[1]):
                 if not force and total <= self.capacity_bytes:
                     break
-                a.punch_free()
-                now = a.resident_bytes()
-                total -= held[id(a)] - now
+                self._give_back_free(a)
+                total -= resident - self._resident(a)
             self._stats["trims"] += 1
             return before - total
 
@@ -659,8 +648,8 @@ class MemoryTier(Tier):
 
     def stats(self) -> dict:
         out = super().stats()
-        out.update(backend=self.backend, checksum=self.checksum_mode, nodes=list(self.nodes), arenas=sum(a is not None for a in self._arenas),
-                   domains=len(self._domains),
+        out.update(backend=self.backend, checksum=self.checksum_mode, nodes=list(self.nodes),
+                   arenas=sum(a is not None for a in self._arenas), domains=len(self._domains),
                    reserved_blocks=len(self._pending))
         if self.backend_note:
             out["backend_note"] = self.backend_note

@@ -151,6 +151,8 @@ def test_corrupt_nvme_block_is_a_miss_never_bad_bytes():
         d = Daemon(d_dir, write_config(d_dir)).start()
         with Client(d.socket, "acme") as kv:
             kv.put(None, [(1, "prefix", b"\xab" * 65536), (2, "prefix", b"\xcd" * 65536)], durable=True)
+            # a later commit: the store reads the last one back at recovery and would cut it there
+            kv.put(None, [(3, "prefix", b"\xef" * 4096)], durable=True)
         assert d.stop() == 0
         data = d_dir / "state" / "nvme" / "kvtier-data"
         raw = bytearray(data.read_bytes())

@@ -42,6 +42,9 @@ def test_status_sessions_blocks(daemon):
     assert st["blocks"] == 40 and st["sessions"] == 1 and st["policy"] == "lru"
     assert sum(t["hits"] for t in st["tiers"]) == 4 and st["module"]["loaded"] in (True, False)
     assert "dram0" in kvctl(daemon, "status").stdout
+    nvme = st["tiers"][2]
+    assert nvme["io_mode"] in ("direct", "buffered") and nvme["flush_mode"] in ("single", "separate")
+    assert nvme["flush_mode"] == "separate" or nvme["io_mode"] == "direct"
     sessions = js(daemon, "sessions")["sessions"]
     assert sessions[0]["name"] == "chat" and sessions[0]["blocks"] == 40 and sessions[0]["state"] == "idle"
     assert sum(sessions[0]["blocks_by_tier"].values()) == 40

@@ -116,6 +116,7 @@ def test_corrupt_data_detected_dropped_and_stays_dropped(store_dir):
     t = NvmeTier("nvme0", store_dir, 8 << 20, codec=Codec("zstd"))
     t.put(key(1), b"a" * 50_000 + os.urandom(1000))
     t.put(key(2), os.urandom(20_000))
+    t.put(key(3), b"c" * 5000)   # the last commit is read back at recovery (see test_store_nvme_flush.py)
     off = t.block_info(key(2))["offset"]
     t.close()
     with open(os.path.join(store_dir, DATA_FILE), "r+b") as f:
@@ -340,6 +341,7 @@ def test_header_apart_from_data_zero_copy_both_ways(store_dir, direct):
 def test_header_block_corruption_detected_by_get_body_into(store_dir):
     t = NvmeTier("nvme0", store_dir, 16 << 20)
     t.put(key(1), os.urandom(1 << 20), header=b"meta")
+    t.put(key(2), b"last")   # the last commit is read back at recovery: this test is about get's check
     off = t.block_info(key(1))["offset"]
     t.close()
     with open(os.path.join(store_dir, DATA_FILE), "r+b") as f:   # a flipped byte in the data, not the header

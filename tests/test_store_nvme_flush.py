@@ -1,11 +1,15 @@
 """NvmeTier's index log without journal commits: it is pre-extended with zeros (an append is a pwrite
 into them, no size change, so its fdatasync is one device flush); recovery ends the log at the first
-zero record, zeroes what follows, and still opens logs written before this layout."""
+zero record, zeroes what follows, and still opens logs written before this layout. A put into the
+committed part of the data file costs one flush (the log's), and recovery reads back the last commit's
+data, which that one flush did not order before its records."""
 import errno
 import os
 import shutil
 import subprocess
+import struct
 import tempfile
+import zlib
 
 import pytest
 
@@ -123,8 +127,9 @@ def test_compaction_writes_a_pre_extended_log(store_dir):
     assert raw[10 * REC_BYTES:] == bytes(size - 10 * REC_BYTES)
     assert raw[9 * REC_BYTES:10 * REC_BYTES] != bytes(REC_BYTES)   # the last live record
     extends = t.stats()["log_extends"]
-    syncs = count_syncs(lambda: t.put(key(3), block(999, 1000)))
-    assert len(syncs) == 2 and os.path.getsize(log) == size and t.stats()["log_extends"] == extends
+    syncs = count_syncs(lambda: t.put(key(3), block(999, 1000)))   # into a committed extent: the log's flush only
+    assert len(syncs) == 1 + (t.flush_mode == "separate") and os.path.getsize(log) == size
+    assert t.stats()["log_extends"] == extends
     latest = {}
     for j in range(i, i + 100):   # more compactions, then a restart
         t.put(key(j % 10), block(j, 1000))
@@ -206,4 +211,116 @@ def test_disk_full_is_enospc_and_keeps_what_fit(small_fs):
     for i in acked[1:]:
         assert t.get(key(i)) == block(i, 500_000)
     assert t.get(key(99)) == block(99, 400_000)
+    t.close()
+
+
+def single_flush(t: NvmeTier) -> None:
+    if t.flush_mode != "single":
+        pytest.skip(f"{t.directory}: flush mode {t.flush_mode} (single needs O_DIRECT on ext4 or xfs)")
+
+
+def test_a_put_into_committed_space_costs_one_flush(store_dir):
+    """Steady state: the data overwrites extents whose metadata is committed, so the log's fdatasync
+    (a device cache flush) covers the data too. A put that grows the file or fills a hole still
+    syncs the data file first (its metadata needs the journal commit)."""
+    t = NvmeTier("nvme0", store_dir, 32 << 20)
+    single_flush(t)
+    log_fd = t._log_fd
+    syncs = count_syncs(lambda: t.put(key(0), block(0, 1 << 20)))   # grows the file
+    assert len(syncs) == 2 and syncs[-1] == log_fd
+    t.put(key(1), block(1, 1 << 20))
+    t.delete(key(0))
+    syncs = count_syncs(lambda: t.put(key(2), block(2, 1 << 20)))   # key 0's committed extent
+    assert syncs == [log_fd] and t.block_info(key(2))["offset"] == 0
+    syncs = count_syncs(lambda: t.put_many([(key(2), block(3, 300_000)), (key(4), block(4, 300_000))]))
+    assert len(syncs) == 2   # key 2's new extent lies past the committed end: data sync, then the log's
+    t.delete(key(1))
+    syncs = count_syncs(lambda: t.put_many([(key(5), block(5, 200_000), b"h"), (key(6), block(6, 500_000))]))
+    assert syncs == [log_fd]
+    s = t.stats()
+    assert s["flush_mode"] == "single" and s["data_syncs_saved"] == 2 and s["data_syncs"] == 3
+    t.close()
+    t = NvmeTier("nvme0", store_dir, 32 << 20)
+    assert t.get(key(5)) == b"h" + block(5, 200_000) and t.get(key(6)) == block(6, 500_000)
+    assert t.get(key(2)) == block(3, 300_000) and sorted(t.keys()) == [key(2), key(4), key(5), key(6)]
+    t.close()
+    t = NvmeTier("nvme0", store_dir, 32 << 20, direct=False)   # buffered: the data's pages need their own sync
+    assert t.flush_mode == "separate"
+    t.delete(key(6))
+    assert len(count_syncs(lambda: t.put(key(7), block(7, 1000)))) == 2
+    t.close()
+
+
+def lose_the_data(store_dir: str, offset: int, nbytes: int) -> None:
+    """What a power loss before the flush can leave: the record on disk, the extent's old bytes."""
+    with open(os.path.join(store_dir, DATA_FILE), "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(nbytes))
+
+
+def test_a_commit_whose_data_did_not_land_is_cut_and_the_old_version_serves(store_dir):
+    t = NvmeTier("nvme0", store_dir, 32 << 20)
+    t.put(key(0), block(0, 100_000))
+    t.put(key(1), block(1, 100_000))
+    t.put(key(0), block(10, 100_000))   # the overwrite's record lands, its data does not
+    info = t.block_info(key(0))
+    t.close()
+    lose_the_data(store_dir, info["offset"], 100_000)
+    t = NvmeTier("nvme0", store_dir, 32 << 20)
+    s = t.stats()
+    assert s["recovery_unflushed_records"] == 1 and s["log_records"] == 2
+    assert t.get(key(0)) == block(0, 100_000) and t.get(key(1)) == block(1, 100_000)
+    with open(os.path.join(store_dir, LOG_FILE), "rb") as f:
+        assert f.read(4 * REC_BYTES)[2 * REC_BYTES:] == bytes(2 * REC_BYTES)   # cut on disk too
+    t.put(key(2), block(2, 100_000))   # takes the cut record's place; the old version's extent is intact
+    t.close()
+    t = NvmeTier("nvme0", store_dir, 32 << 20)
+    assert [t.get(key(i)) for i in range(3)] == [block(i, 100_000) for i in range(3)]
+    assert t.stats()["recovery_unflushed_records"] == 0
+    t.close()
+
+
+def test_a_batch_is_cut_from_its_first_block_whose_data_did_not_land(store_dir):
+    """Only the last commit is read back (every earlier one was flushed before the next was written);
+    of it, the blocks before the first bad one stay, each intact."""
+    t = NvmeTier("nvme0", store_dir, 32 << 20)
+    t.put(key(9), block(9, 70_000))
+    t.put_many([(key(i), block(i, 70_000)) for i in range(3)])
+    t.put_many([(key(0), block(20, 70_000)), (key(3), block(3, 70_000)), (key(4), block(4, 70_000), b"hd"),
+                (key(1), block(21, 70_000))])
+    lost = t.block_info(key(4))
+    t.close()
+    lose_the_data(store_dir, lost["offset"] + UNIT_BYTES, 4096)   # a page of its data, past its header unit
+    t = NvmeTier("nvme0", store_dir, 32 << 20)
+    assert t.stats()["recovery_unflushed_records"] == 2 and not t.contains(key(4))
+    assert t.get(key(0)) == block(20, 70_000) and t.get(key(3)) == block(3, 70_000)
+    assert t.get(key(1)) == block(1, 70_000)   # cut with the rest: its previous version serves
+    assert t.get(key(9)) == block(9, 70_000) and t.get(key(2)) == block(2, 70_000)
+    t.close()
+
+
+def test_records_from_before_the_batch_index_still_open(store_dir):
+    """KVI1 records (older versions) carry no batch index: each counts as its own commit."""
+    from kvtier.store.nvme import _REC, _REC1, _MAGIC1
+    t = NvmeTier("nvme0", store_dir, 32 << 20)
+    t.put_many([(key(i), block(i, 30_000)) for i in range(4)])
+    t.delete(key(2))
+    t.close()
+    log = os.path.join(store_dir, LOG_FILE)
+    with open(log, "r+b") as f:
+        raw = f.read(5 * REC_BYTES)
+        old = b""
+        for pos in range(0, len(raw), REC_BYTES):
+            fields = _REC.unpack_from(raw, pos)
+            body = _REC1.pack(_MAGIC1, *fields[1:-1])
+            old += body + struct.pack("<II", zlib.crc32(body), 0)
+        f.seek(0)
+        f.write(old)
+    t = NvmeTier("nvme0", store_dir, 32 << 20)
+    assert sorted(t.keys()) == [key(0), key(1), key(3)] and t.get(key(3)) == block(3, 30_000)
+    assert t.stats()["recovery_torn_records"] == 0 and t.stats()["log_records"] == 5
+    t.put(key(5), block(5, 30_000))
+    t.close()
+    t = NvmeTier("nvme0", store_dir, 32 << 20)
+    assert len(t) == 4 and t.get(key(5)) == block(5, 30_000)
     t.close()

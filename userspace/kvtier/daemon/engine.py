@@ -902,7 +902,7 @@ class Engine:
                 log.exception("deferred policy work")
 
     def _spill_many(self, staged: list) -> bool:
-        """Write a durable batch through to NVMe as one group commit (one data and one index fdatasync);
+        """Write a durable batch through to NVMe as one group commit (one log flush; see NvmeTier.put_many);
         False if that did not work out (nothing of it acknowledged): the caller goes block by block."""
         if any(self._quant_layout(b) for _, b in staged):
             return False   # quantised blocks go one by one: each may be refused over the bound and retried
@@ -1171,6 +1171,8 @@ class Engine:
             if hasattr(tier, "resident_bytes"):
                 # arena sets (one per tenant salt that has bound) and the memory they hold, punched free extents not
                 rows[-1].update(domains=len(tier.domains), resident_bytes=tier.resident_bytes())
+            if hasattr(tier, "flush_mode"):   # NVMe: O_DIRECT or buffered; device flushes per durable put
+                rows[-1].update(io_mode=tier.io_mode, flush_mode=tier.flush_mode)
             if hasattr(tier, "quant_stats") and not tier.codec.lossless:
                 rows[-1]["quant"] = tier.quant_stats()   # the error measured on what it quantised
             if hasattr(tier, "gpu_stats"):

@@ -19,15 +19,21 @@ written and read with O_DIRECT straight from / into that buffer (no bounce copy)
 is in the record (its "hlen" field) and the checksum covers header + data as if concatenated.
   kvtier.lock       flock'd while open: one process per store.
 
-Crash safety: put writes the data, fdatasyncs it, THEN appends the index record and fdatasyncs the
-log, THEN returns (put_many: all data, one fdatasync, all records in one write, one fdatasync). An
-extent is reused only after the record that frees it (delete or overwrite) is durable. So after
-kill -9 at any moment, replaying the log finds every acknowledged block, a torn last record fails its
-CRC and is cut off (zeroed, with anything after the end: the unacknowledged rest of a batch), and a
-record never points at data that was not durable. The two fdatasyncs stay apart on purpose: on power
-loss a write-back disk cache may keep a later write and lose an earlier one, so one flush after both
-writes could leave a durable record over stale data (for an overwrite: in place of the acknowledged
-older version).
+Crash safety: put writes the data (O_DIRECT: it has reached the device when the write returns), THEN
+appends the index record and fdatasyncs the log, THEN returns (put_many: all data, all records in one
+write with their place in the batch, one log fdatasync). The log's fdatasync flushes the device's
+write cache, data included: flush_mode "single", one flush per put as dd oflag=direct,dsync has, where
+an O_DIRECT overwrite changes no metadata (ext4, xfs) and the extents lie in the committed part of the
+data file. A put that grows the file or fills a hole, buffered I/O, or another filesystem first
+fdatasyncs the data file ("separate": the data's metadata, or its pages, need their own sync).
+An extent is reused only after the record that frees it (delete or overwrite) is durable. After kill -9
+at any moment, replaying the log finds every acknowledged block; a torn last record fails its CRC and is
+cut off (zeroed, with anything after the end: the unacknowledged rest of a batch). After a power loss
+the last commit's records may be on disk without its data (the disk cache may keep a later write and
+lose an earlier one); each earlier commit was flushed before the next was written. So recovery reads
+back the last commit's blocks, and cuts it from its first block whose bytes fail their checksum: those
+puts were never acknowledged, and an overwritten key keeps its previous version, whose extent is still
+unreused.
 Every get verifies the checksum anyway (media errors, fsync=False).
 
 Capacity counts allocated 4 KiB extents of the data file; the index log (80 bytes per record,
@@ -59,11 +65,14 @@ LOG_FILE = "kvtier-index.log"
 LOCK_FILE = "kvtier.lock"
 OP_PUT, OP_DELETE = 1, 2
 _QHEAD_MAGIC = b"KVH1"  # quantised blob with the caller's header framed in front (quantising codecs)
-_REC = struct.Struct("<4sBBHQ16sQQQQQ")  # magic op codec hlen seq key offset length stored_length csum stored_csum
-_CRC = struct.Struct("<II")               # crc32 of the record body, reserved
+# magic op codec hlen seq key offset length stored_length csum stored_csum batch_index, then crc32 of all that
+_REC = struct.Struct("<4sBBHQ16sQQQQQI")
+_CRC = struct.Struct("<I")
 REC_BYTES = _REC.size + _CRC.size
-_MAGIC = b"KVI1"
-assert REC_BYTES == 80
+_MAGIC = b"KVI2"
+_REC1 = struct.Struct("<4sBBHQ16sQQQQQ")  # KVI1 (older versions): no batch index, crc32 of these 72 bytes
+_MAGIC1 = b"KVI1"
+assert REC_BYTES == 80 and _REC1.size + 8 == REC_BYTES
 MAX_HEADER = UNIT_BYTES  # a header lives in the extent's first unit
 CHUNK_BYTES = 8 << 20   # bounce copies of unaligned data go in chunks, overlapping the previous chunk's write
 LOG_STEP_BYTES = REC_BYTES * 13108   # the index log is pre-extended with zeros ~1 MiB (whole records) at a time
@@ -82,27 +91,50 @@ class _Record:
     hlen: int = 0        # header bytes in the first unit (codec none only); data starts at UNIT_BYTES
 
 
-def _pack(op: int, key: bytes, r: _Record) -> bytes:
+def _pack(op: int, key: bytes, r: _Record, batch_index: int = 0) -> bytes:
     body = _REC.pack(_MAGIC, op, r.codec, r.hlen, r.seq, key, r.offset, r.length, r.stored_length, r.checksum,
-                     r.stored_checksum)
-    return body + _CRC.pack(zlib.crc32(body), 0)
+                     r.stored_checksum, batch_index)
+    return body + _CRC.pack(zlib.crc32(body))
 
 
 def _unpack(raw: bytes):
-    """(op, key, record) or None when the record is torn or corrupt."""
+    """(op, key, record, batch_index) or None when the record is torn or corrupt. batch_index: the
+    record's place in the group commit that wrote it (0 for a lone record and for KVI1 records)."""
     if len(raw) != REC_BYTES:
         return None
-    body = raw[:_REC.size]
-    crc, _ = _CRC.unpack_from(raw, _REC.size)
-    if zlib.crc32(body) != crc:
-        return None
-    magic, op, codec, hlen, seq, key, offset, length, stored_length, csum, stored_csum = _REC.unpack(body)
-    if magic != _MAGIC or op not in (OP_PUT, OP_DELETE) or codec >= len(KINDS):
+    if raw[:4] == _MAGIC1:
+        body = raw[:_REC1.size]
+        if zlib.crc32(body) != _CRC.unpack_from(raw, _REC1.size)[0]:
+            return None
+        fields = (*_REC1.unpack(body), 0)
+    else:
+        body = raw[:_REC.size]
+        if zlib.crc32(body) != _CRC.unpack_from(raw, _REC.size)[0]:
+            return None
+        fields = _REC.unpack(body)
+    magic, op, codec, hlen, seq, key, offset, length, stored_length, csum, stored_csum, batch_index = fields
+    if magic not in (_MAGIC, _MAGIC1) or op not in (OP_PUT, OP_DELETE) or codec >= len(KINDS):
         return None
     if hlen and (hlen > MAX_HEADER or codec != CODEC_IDS["none"]
                  or stored_length < UNIT_BYTES or length != hlen + stored_length - UNIT_BYTES):
         return None
-    return op, key, _Record(seq, offset, length, stored_length, codec, csum, stored_csum, hlen)
+    return op, key, _Record(seq, offset, length, stored_length, codec, csum, stored_csum, hlen), batch_index
+
+
+def _filesystem(fd: int) -> tuple[str, str]:
+    """(type, super options) of the filesystem holding fd, from /proc/self/mountinfo; ("", "") unknown."""
+    st = os.fstat(fd)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == dev and " - " in line:
+                    after = line.split(" - ", 1)[1].split()
+                    return after[0], after[2] if len(after) > 2 else ""
+    except OSError:
+        pass
+    return "", ""
 
 
 def _address(view) -> int:
@@ -180,7 +212,8 @@ class NvmeTier(Tier):
         self._stats.update(bounce_bytes=0, quantised_blocks=0, quant_refused=0, quant_skipped_no_layout=0,
                            quant_max_abs=0.0, quant_rel_rms_max=0.0, quant_rel_rms_sum=0.0,
                            compactions=0, log_extends=0, recovered_blocks=0, recovery_torn_records=0,
-                           recovery_dropped_blocks=0, io_errors=0)
+                           recovery_unflushed_records=0, recovery_dropped_blocks=0, io_errors=0,
+                           data_syncs=0, data_syncs_saved=0)
         try:
             self._open(direct)
         except BaseException:
@@ -230,6 +263,17 @@ class NvmeTier(Tier):
             raise OSError(errno.EACCES, f"tier {self.name}: directory {self.directory} is not writable",
                           self.directory)
         self._recover()
+        # One flush per durable put where an O_DIRECT overwrite changes no metadata (ext4, xfs): the
+        # log's fdatasync then flushes the device cache under the data too. Elsewhere (buffered I/O,
+        # copy-on-write filesystems) the data file is synced on its own first.
+        fstype, options = _filesystem(self._data_fd)
+        self.flush_mode = "single" if (self.io_mode == "direct" and self.fsync and fstype in ("ext4", "xfs")
+                                       and "data=journal" not in options) else "separate"
+        self._durable_end = 0   # [0, this) of the data file: written and committed, so overwrites need no data sync
+        if self.flush_mode == "single":
+            os.fdatasync(self._data_fd)   # commit what an earlier process wrote before trusting its extents
+            if os.fstat(self._data_fd).st_size:   # (SEEK_HOLE at the end of the file is ENXIO)
+                self._durable_end = os.lseek(self._data_fd, 0, os.SEEK_HOLE)   # unwritten extents are holes
 
     def _recover(self) -> None:
         data_size = os.fstat(self._data_fd).st_size
@@ -237,23 +281,37 @@ class NvmeTier(Tier):
         size = os.fstat(self._log_fd).st_size
         if size:
             raw = os.pread(self._log_fd, size, 0)
-        live: dict[bytes, _Record] = {}
         good_end = 0
         torn = 0
-        records = 0
         log_end = len(raw)
+        parsed = []   # (position, op, key, record, batch_index)
         for pos in range(0, len(raw), REC_BYTES):
             chunk = raw[pos:pos + REC_BYTES]
             if chunk == _ZERO_REC[:len(chunk)]:   # the pre-extended zero tail: the end of the log
                 log_end = pos
                 break
-            parsed = _unpack(chunk)
-            if parsed is None:
+            rec = _unpack(chunk)
+            if rec is None:
                 torn += 1
                 continue
-            records += 1
             good_end = pos + REC_BYTES
-            op, key, rec = parsed
+            parsed.append((pos, *rec))
+        # The last group commit may be cut by a power loss before its one flush: its records can be on
+        # disk while its data is not. Each earlier commit's flush ended before the next was written, so
+        # only the last one needs its data read back; from its first block that fails, it is cut off
+        # (never acknowledged), and an overwritten key keeps its previous version.
+        cut = None
+        if parsed:
+            first = parsed[-1][0] - parsed[-1][4] * REC_BYTES
+            cut = next((i for i, (pos, op, _, rec, _) in enumerate(parsed)
+                        if pos >= first and op == OP_PUT and not self._intact(rec)), None)
+        unflushed = 0
+        if cut is not None:
+            unflushed = len(parsed) - cut
+            good_end = parsed[cut][0]
+            del parsed[cut:]
+        live: dict[bytes, _Record] = {}
+        for _, op, key, rec, _ in parsed:
             self._seq = max(self._seq, rec.seq)
             if op == OP_DELETE:
                 live.pop(key, None)
@@ -261,6 +319,7 @@ class NvmeTier(Tier):
                 prev = live.get(key)
                 if prev is None or prev.seq < rec.seq:
                     live[key] = rec
+        records = len(parsed)
         # Zero a torn tail, and whatever follows the end (the unacknowledged rest of a batch cut short
         # by a crash), so new records follow the last good one and nothing stale there can revive later.
         if raw.count(0, good_end) != len(raw) - good_end:
@@ -288,6 +347,7 @@ class NvmeTier(Tier):
         self._log_records = records
         self._stats["recovered_blocks"] = len(live)
         self._stats["recovery_torn_records"] = torn
+        self._stats["recovery_unflushed_records"] = unflushed
         self._stats["recovery_dropped_blocks"] = dropped
         if dropped:  # make the drop durable so a later overwrite of those extents is not confusing
             self._compact()
@@ -322,6 +382,25 @@ class NvmeTier(Tier):
             if getattr(self, "_pool", None) is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kvtier-{self.name}-io")
             return self._pool
+
+    def _sync_data(self, extents: list[tuple[int, int]]) -> None:
+        """Make written extents [(start, end)] durable, or leave them to the log's flush that follows
+        (flush_mode single: they overwrite committed extents, and the O_DIRECT writes have completed).
+        An extent past the committed part fills a hole or grows the file: that metadata needs the
+        data file's own fdatasync (a journal commit)."""
+        if self.flush_mode == "single":
+            with self._lock:
+                if all(end <= self._durable_end for _, end in extents):
+                    self._stats["data_syncs_saved"] += 1
+                    return
+        if self.fsync:
+            os.fdatasync(self._data_fd)
+            self._stats["data_syncs"] += 1
+        if self.flush_mode == "single":
+            with self._lock:   # extents from here on are committed; others' past a gap wait for their own sync
+                for start, end in sorted(extents):
+                    if start <= self._durable_end < end:
+                        self._durable_end = end
 
     def _append(self, op: int, key: bytes, rec: _Record) -> None:
         """Append one record and make it durable (caller holds the lock)."""
@@ -453,14 +532,14 @@ class NvmeTier(Tier):
                 p = self._prepare_and_write(check_key(key), data, header, item_layout, lossless)
                 done.append(p)
             if done:
-                self._sync(self._data_fd)
+                self._sync_data([(p.rec.offset, p.rec.offset + _round_up(p.rec.stored_length)) for p in done])
                 with self._lock:
-                    payload = b""
-                    for p in done:
+                    payload = []
+                    for i, p in enumerate(done):
                         self._seq += 1
                         p.rec.seq = self._seq
-                        payload += _pack(OP_PUT, p.key, p.rec)
-                    self._append_raw(payload, len(done))
+                        payload.append(_pack(OP_PUT, p.key, p.rec, i))
+                    self._append_raw(b"".join(payload), len(done))
                     for p in done:
                         old = self._index.get(p.key)
                         self._index[p.key] = p.rec
@@ -704,6 +783,17 @@ class NvmeTier(Tier):
             if self._settle(key, rec, detail):
                 return bytes(head), data
 
+    def _intact(self, rec: _Record) -> bool:
+        """Whether rec's extent holds what rec describes (recovery's check of the last group commit)."""
+        if rec.offset + rec.stored_length > os.fstat(self._data_fd).st_size:
+            return False
+        stored = self._read_extent(rec)
+        if stored.nbytes != rec.stored_length:
+            return False
+        if rec.hlen:
+            return _csum([stored[:rec.hlen], stored[UNIT_BYTES:]]) == rec.checksum
+        return checksum(stored) == rec.stored_checksum
+
     def _drop(self, key: bytes, rec: _Record) -> None:
         """Forget a corrupt block durably, so it is never served again (caller holds the lock)."""
         self._stats["checksum_failures"] += 1
@@ -814,7 +904,7 @@ class NvmeTier(Tier):
         n = out.pop("quant_rel_rms_sum")
         out["quant_rel_rms_mean"] = n / out["quantised_blocks"] if out["quantised_blocks"] else 0.0
         out.update(directory=self.directory, codec=self.codec.kind, error_bound=self.codec.error_bound,
-                   io_mode=self.io_mode, fsync=self.fsync, log_records=self._log_records,
+                   io_mode=self.io_mode, fsync=self.fsync, flush_mode=self.flush_mode, log_records=self._log_records,
                    log_file_bytes=self._log_size,
                    free_extents=self._alloc.free_extents, largest_free_bytes=self._alloc.largest_free)
         if self.io_note:

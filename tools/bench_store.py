@@ -3,7 +3,7 @@
 
     .venv/bin/python tools/bench_store.py --dir /var/tmp [--total-mib 256] [--json]
 
-  nvme put / get   NvmeTier (O_DIRECT, checksum, fdatasync of data and index before put returns) from and
+  nvme put / get   NvmeTier (O_DIRECT, checksum, durable before put returns: one log flush) from and
                    into a page-aligned buffer (as from a memfd arena slot: no bounce copy), on the same
                    filesystem, 64 KiB .. 64 MiB blocks (target >= 0.9 for large). Baselines, fairly:
                      put      vs `dd oflag=direct,dsync` (every block durable before the next, like put)

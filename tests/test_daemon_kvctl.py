@@ -45,6 +45,7 @@ def test_status_sessions_blocks(daemon):
     nvme = st["tiers"][2]
     assert nvme["io_mode"] in ("direct", "buffered") and nvme["flush_mode"] in ("single", "separate")
     assert nvme["flush_mode"] == "separate" or nvme["io_mode"] == "direct"
+    assert st["tiers"][0]["shmem_thp"] in ("never", "advise", "within_size", "always", "deny", "force", "unavailable")
     sessions = js(daemon, "sessions")["sessions"]
     assert sessions[0]["name"] == "chat" and sessions[0]["blocks"] == 40 and sessions[0]["state"] == "idle"
     assert sum(sessions[0]["blocks_by_tier"].values()) == 40

@@ -83,3 +83,21 @@ def test_prefault_is_for_memory_tiers_only(daemon_dir):
     cfg.write_text(cfg.read_text().replace("prefault = true\n[[tiers]]", 'prefault = "yes"\n[[tiers]]', 1))
     out = subprocess.run([KVTIERD, "--config", str(cfg), "--check"], capture_output=True, text=True)
     assert out.returncode == 2 and "tiers[0].prefault" in out.stderr, out.stderr
+
+
+def test_prefaulted_arena_stays_with_its_tenant_across_connections(daemon_dir):
+    """An emptied tenant's arenas close when it disconnects, except the prefaulted ones the tier started with:
+    an engine that reconnects finds them still resident and mapped the same way (no page faults again)."""
+    d = Daemon(daemon_dir, config(daemon_dir)).start()
+    try:
+        with Client(d.socket, "acme") as kv:
+            first = [(a["arena"], a["size"]) for a in kv.hello["arenas"]]
+            kv.put(None, [(1, "input", b"x" * 4096)])
+            assert kv.delete([1]) == 1
+        time.sleep(0.3)   # the daemon has seen the close
+        assert d.stats()["tiers"][0]["domains"] == 1
+        assert shmem_bytes(d.proc.pid) >= 8 << 20   # still resident
+        with Client(d.socket, "acme") as kv:
+            assert [(a["arena"], a["size"]) for a in kv.hello["arenas"]] == first and kv.hello["arenas"][0]["prefault"]
+    finally:
+        assert d.stop() == 0, d.log.read_text()[-2000:]

@@ -360,3 +360,44 @@ def test_kmod_domain_over_max_total_gets_a_memfd_arena(kvtier_dev):
         assert "memfd arena" in t.backend_note
     finally:
         t.close()
+
+
+def shmem_pmd_bytes() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("ShmemPmdMapped:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.guest("tiered")
+def test_memfd_arena_sits_on_2mib_pages_where_shmem_thp_allows():
+    """The tier advises 2 MiB pages for its memfd: with shmem THP "advise" (set here, in the guest's own
+    kernel) a put faults its slot in huge pages, which O_DIRECT moves in a few large requests; under the
+    default "never" the same tier works on 4 KiB pages."""
+    from kvtier.store.memory import SHMEM_THP, shmem_thp_mode
+
+    def set_mode(mode):
+        with open(SHMEM_THP, "w") as f:
+            f.write(mode)
+
+    old = shmem_thp_mode()
+    data = os.urandom(8 << 20)
+    try:
+        for mode in ("advise", "never"):
+            set_mode(mode)
+            assert shmem_thp_mode() == mode
+            base = shmem_pmd_bytes()
+            t = MemoryTier("dram0", "dram", [0], 32 << 20, backend="memfd")
+            try:
+                t.put(key(1), data)
+                huge = shmem_pmd_bytes() - base
+                assert t.get(key(1)) == data
+            finally:
+                t.close()
+            if mode == "advise":
+                assert huge >= 6 << 20, f"{huge} bytes on 2 MiB pages"
+            else:
+                assert huge == 0
+    finally:
+        set_mode(old)

@@ -48,6 +48,15 @@ def rss(pid: int) -> dict[str, int]:
     return out
 
 
+def shmem_pmd_bytes(pid: int) -> int:
+    """Bytes of shared memory the process maps with 2 MiB pages (its arenas on shmem THP)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("ShmemPmdMapped:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def best(fn, repeat: int) -> float:
     ts = []
     for _ in range(repeat):
@@ -279,6 +288,9 @@ def bench_nvme(sock: str, d: Path, pid: int, rounds: int = 3) -> list[dict]:
             kv.delete(keys)
             kv.put(None, [(base - 1, "input", src)], durable=True)   # warm-up
             f = d / "nvme" / "dd.bin"
+            # fills copy into one buffer, faulted in here, as an engine reuses its own (a fresh 32 MiB array costs
+            # ~40 ms of page faults on this VM, charged to whichever get touched it first)
+            out = [np.zeros_like(src)]
             # dd's first pass creates its file as the store's grew its own; its rounds then overwrite it
             w_first = dd(["if=/dev/zero", f"of={f}", f"bs={size}", f"count={count}", "oflag=direct,dsync"]) / count
             per = []
@@ -293,8 +305,7 @@ def bench_nvme(sock: str, d: Path, pid: int, rounds: int = 3) -> list[dict]:
                 for _ in keys:
                     for b in admin_call(sock, "blocks", tier="dram0", limit=50)["blocks"]:
                         admin_call(sock, "evict", block=b["block"])
-                subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
-                out = [np.empty_like(src)]
+                os.sync()   # (no drop_caches: both read with O_DIRECT, and it would evict the daemon's code pages)
                 t = time.perf_counter()
                 n_fill = 0
                 for k in keys:
@@ -365,6 +376,7 @@ def main() -> None:
                     help="do not prefault the DRAM arena (first puts then fault its pages in one by one)")
     args = ap.parse_args()
     from kvtier.cli.common import human_bytes, table
+    from kvtier.store.memory import shmem_thp_mode
 
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})   # the daemon (a child) inherits it
@@ -376,6 +388,7 @@ def main() -> None:
                                prefault=not args.no_prefault, busy_poll_us=0 if args.cpu is not None else None)
         try:
             result["throughput"] = bench_throughput(sock, args.max_mib, 0 if args.no_prefault else 2.0)
+            result["shmem_thp"] = {"mode": shmem_thp_mode(), "daemon_pmd_mapped_bytes": shmem_pmd_bytes(p.pid)}
             result["small"] = bench_small(sock, daemon_spin_s=0 if args.cpu is not None else 500e-6)
             if not args.skip_nvme:
                 result["nvme"] = bench_nvme(sock, d, p.pid, max(1, args.nvme_rounds))
@@ -402,8 +415,10 @@ def main() -> None:
     print("put/get of one block through the API vs numpy copy of the same bytes (best of N; pipelined put: a "
           "stream of puts with wait=False, commit replies read by the next call, vs copies into as many distinct "
           "buffers):")
+    thp = result["shmem_thp"]
     print(f"(DRAM arena prefaulted: {'no' if args.no_prefault else 'yes'}; first put: the first put of that size, "
-          f"before any warm-up)")
+          f"before any warm-up; shmem THP: {thp['mode']}, daemon memory on 2 MiB pages: "
+          f"{human_bytes(thp['daemon_pmd_mapped_bytes'])})")
     print(table(rows, right=set(range(1, 12))))
     s = result["small"]
     print(f"\nsmall (64 B) blocks, per-operation overhead against the target of {TARGET_US:.0f} us "

@@ -31,6 +31,7 @@ from kvtier.policy.model import BlockType, Request, SessionState
 from kvtier.policy.registry import make_policy
 from kvtier.store.base import ErrorBoundExceeded
 from kvtier.store.codec import DTYPES
+from kvtier.store.memory import shmem_thp_mode
 
 log = logging.getLogger("kvtier.daemon")
 
@@ -1168,6 +1169,8 @@ class Engine:
                          "used_bytes": tier.used_bytes, "blocks": len(tier),
                          "hits": self.hits_by_tier[t], "backend": getattr(tier, "backend", "file"),
                          "backend_note": getattr(tier, "backend_note", "")})
+            if getattr(tier, "backend", "") == "memfd":   # 2 MiB pages under the arenas only where not "never"
+                rows[-1]["shmem_thp"] = shmem_thp_mode()
             if hasattr(tier, "resident_bytes"):
                 # arena sets (one per tenant salt that has bound) and the memory they hold, punched free extents not
                 rows[-1].update(domains=len(tier.domains), resident_bytes=tier.resident_bytes())

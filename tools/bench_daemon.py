@@ -7,10 +7,11 @@
   2. per-op overhead for small (64-byte) blocks: one block per call, and per block in batches of 256, each
      marked against the 20 µs target.
   3. NVMe spill (put durable=True: written through with O_DIRECT straight from the arena slot, durable before
-     the ack: one device flush on ext4/xfs, see kvtier/store/nvme.py) vs `dd oflag=direct,dsync` (each block durable before the next: the fair
-     baseline for a durable put), and fill (get of a block only on NVMe, read with O_DIRECT straight into the
-     arena slot, checksum verified) vs `dd iflag=direct`, same sizes, same filesystem. Spill, fill and both dd
-     runs alternate round by round (--nvme-rounds, default 3) and the median ratio is reported.
+     the ack: one device flush on ext4/xfs, see kvtier/store/nvme.py) vs `dd oflag=direct,dsync` (each block
+     durable before the next: the fair baseline for a durable put), and fill (get of a block only on NVMe, read
+     with O_DIRECT straight into the arena slot, checksum verified) vs `dd iflag=direct`, same sizes, same
+     filesystem. Spill, fill and both dd runs alternate round by round (--nvme-rounds, default 3) and the
+     median ratio is reported.
   4. contains() lookups per second with N stored blocks, and the daemon's memory per stored block
      (anonymous RSS delta / blocks: the index, policy state and allocator; block bytes are in the arena).
 

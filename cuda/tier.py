@@ -95,7 +95,7 @@ class GpuTier(Tier):
     def domain_arenas(self, domain: bytes) -> list[int]:
         return []
 
-    def release_domain(self, domain: bytes) -> bool:
+    def release_domain(self, domain: bytes, keep_prefaulted: bool = True) -> bool:
         return True
 
     def reserve(self, key: bytes, nbytes: int, domain: bytes = b"") -> Slot:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import resource
 import shutil
+import signal
 import subprocess
 import time
 
@@ -99,5 +100,32 @@ def test_prefaulted_arena_stays_with_its_tenant_across_connections(daemon_dir):
         assert shmem_bytes(d.proc.pid) >= 8 << 20   # still resident
         with Client(d.socket, "acme") as kv:
             assert [(a["arena"], a["size"]) for a in kv.hello["arenas"]] == first and kv.hello["arenas"][0]["prefault"]
+    finally:
+        assert d.stop() == 0, d.log.read_text()[-2000:]
+
+
+def test_a_reload_that_changes_the_first_tenants_salt_frees_its_prefaulted_arena(daemon_dir):
+    """The kept arenas belong to a salt: once no tenant that bound them maps to it (a reload changed the salt),
+    they are released, prefault or not, instead of staying resident for nobody."""
+    cfg = config(daemon_dir)
+    d = Daemon(daemon_dir, cfg).start()
+    try:
+        with Client(d.socket, "acme") as kv:
+            kv.put(None, [(1, "input", b"x" * 4096)])
+            assert kv.delete([1]) == 1
+        deadline = time.monotonic() + 20
+        while shmem_bytes(d.proc.pid) < 8 << 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert d.stats()["tiers"][0]["domains"] == 1
+        cfg.write_text(cfg.read_text() + '\n[tenants.acme]\nsalt = "rotated"\n')
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while d.stats()["tiers"][0]["domains"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert d.stats()["tiers"][0]["domains"] == 0
+        assert shmem_bytes(d.proc.pid) < 2 << 20   # the pages went back
+        with Client(d.socket, "acme") as kv:   # binds its new salt: a fresh arena
+            kv.put(None, [(2, "input", b"y" * 4096)])
+            assert kv.get(None, [2])[0].tobytes() == b"y" * 4096
     finally:
         assert d.stop() == 0, d.log.read_text()[-2000:]

@@ -131,6 +131,7 @@ class Engine:
     def __init__(self, cfg, tiers: list, metrics=None):
         self.cfg = cfg
         self.salts: dict[str, bytes] = {}   # tenant -> salt (salt())
+        self.domain_tenants: dict[bytes, set] = {}   # domain (salt) -> tenants that bound it (release_stale_domains)
         self.tiers = tiers
         self.metrics = metrics
         self.nvme = tiers[-1] if tiers[-1].kind == "nvme" else None
@@ -207,12 +208,24 @@ class Engine:
                     if d not in busy:
                         tier.release_domain(d)
                 tier.domain_arenas(domain)
+        self.domain_tenants.setdefault(domain, set()).add(tenant)
         return domain
 
-    def release_domain(self, domain: bytes) -> None:
-        """The last connection of a domain closed: its arenas go where nothing is stored in them."""
+    def release_domain(self, domain: bytes, stale: bool = False) -> None:
+        """The last connection of a domain closed: its arenas go where nothing is stored in them (`stale`: the
+        prefaulted ones a tier started with too, as no tenant maps to this domain any more)."""
+        released = True
         for t in range(self.mem_count):
-            self.tiers[t].release_domain(domain)
+            released &= self.tiers[t].release_domain(domain, keep_prefaulted=not stale)
+        if released:
+            self.domain_tenants.pop(domain, None)
+
+    def release_stale_domains(self, busy: set) -> None:
+        """After a reload: domains that none of the tenants that bound them maps to any more (their salt changed),
+        and that no connection holds, are released, prefaulted arenas included (else they stay resident)."""
+        for domain, tenants in list(self.domain_tenants.items()):
+            if domain not in busy and all(self.salt(t) != domain for t in tenants):
+                self.release_domain(domain, stale=True)
 
     def _capacity_blocks(self, t: int) -> int:
         return max(1, self.limit_bytes[t] // self.cfg.nominal_block_bytes)

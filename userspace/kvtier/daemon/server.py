@@ -291,6 +291,7 @@ class Server:
                 if self.engine.salt(conn.tenant) != conn.domain or not self.cfg.tenant(conn.tenant).allows(conn.uid):
                     log.info("closing pid %d's connection: tenant %s changed", conn.pid, conn.tenant)
                     self._close(conn)
+        self.engine.release_stale_domains({c.domain for c in self.conns.values()})
         self.cfg.admin_uids, self.cfg.admin_gids = new.admin_uids, new.admin_gids
         self.cfg.min_block_bytes, self.cfg.max_block_bytes = new.min_block_bytes, new.max_block_bytes
         self.cfg.nominal_block_bytes = new.nominal_block_bytes

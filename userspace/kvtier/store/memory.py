@@ -312,18 +312,23 @@ class MemoryTier(Tier):
             self.arena_generation += 1
             return idx
 
-    def release_domain(self, domain: bytes) -> bool:
+    def release_domain(self, domain: bytes, keep_prefaulted: bool = True) -> bool:
         """Close `domain`'s arenas if nothing is stored or reserved in them (their pages go back even where a
-        client still maps them); False if something is, or if they are the prefaulted arenas the tier started
-        with. Arenas are never handed to another domain: a process of this one may keep its mapping."""
+        client still maps them); False if something is, or (keep_prefaulted) if they are the prefaulted arenas
+        the tier started with. Arenas are never handed to another domain: a process of this one may keep its
+        mapping."""
         with self._lock:
             idx = self._domains.get(domain)
             if idx is None:
                 return True
             if any(self._arenas[i].alloc.used_bytes for i in idx):
                 return False
-            if any(self._arenas[i].prefault for i in idx):
+            if keep_prefaulted and any(self._arenas[i].prefault for i in idx):
                 return False   # prefaulted by the admin's choice: they stay resident, warm for the domain's return
+            if self._prefault_thread is not None and any(self._arenas[i].prefault for i in idx):
+                self._prefault_stop.set()   # it may be populating one of them
+                self._prefault_thread.join()
+                self._prefault_thread = None
             for i in idx:
                 a = self._arenas[i]
                 self._give_back_free(a)   # all of it is free

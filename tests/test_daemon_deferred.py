@@ -94,3 +94,19 @@ def test_deferred_failure_is_logged_not_raised(caplog):
     assert order == [1, 3]
     assert "deferred policy work" in caplog.text
     e.close()
+
+
+def test_domain_limit_closes_idle_domains_and_forgets_their_tenants(monkeypatch):
+    """At a tier's domain limit, opening another tenant's domain closes idle empty ones (no connection holds them,
+    nothing stored), and the engine forgets which tenants bound those: the record stays as small as the domains."""
+    from kvtier.store import memory
+    monkeypatch.setattr(memory, "MAX_DOMAINS", 3)
+    d = short_dir()
+    e = make_engine(d, defer=False)
+    for i in range(3):
+        e.open_domain(f"t{i}", busy=set())
+    assert put(e, "t1", None, [7]) == 1   # t1 stores a block: it stays
+    e.open_domain("t9", busy={e.salt("t2")})   # t2 is held by a connection: it stays too
+    held = set(e.tiers[0].domains)
+    assert held == {e.salt("t1"), e.salt("t2"), e.salt("t9")}
+    assert set(e.domain_tenants) == held and e.domain_tenants[e.salt("t9")] == {"t9"}

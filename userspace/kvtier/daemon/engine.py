@@ -208,6 +208,8 @@ class Engine:
                     if d not in busy:
                         tier.release_domain(d)
                 tier.domain_arenas(domain)
+                held = {d for m in range(self.mem_count) for d in self.tiers[m].domains}
+                self.domain_tenants = {d: ts for d, ts in self.domain_tenants.items() if d in held}
         self.domain_tenants.setdefault(domain, set()).add(tenant)
         return domain
 

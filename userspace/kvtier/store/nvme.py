@@ -102,16 +102,11 @@ def _unpack(raw: bytes):
     record's place in the group commit that wrote it (0 for a lone record and for KVI1 records)."""
     if len(raw) != REC_BYTES:
         return None
-    if raw[:4] == _MAGIC1:
-        body = raw[:_REC1.size]
-        if zlib.crc32(body) != _CRC.unpack_from(raw, _REC1.size)[0]:
-            return None
-        fields = (*_REC1.unpack(body), 0)
-    else:
-        body = raw[:_REC.size]
-        if zlib.crc32(body) != _CRC.unpack_from(raw, _REC.size)[0]:
-            return None
-        fields = _REC.unpack(body)
+    layout = _REC1 if raw[:4] == _MAGIC1 else _REC
+    body = raw[:layout.size]
+    if zlib.crc32(body) != _CRC.unpack_from(raw, layout.size)[0]:
+        return None
+    fields = layout.unpack(body) if layout is _REC else (*_REC1.unpack(body), 0)
     magic, op, codec, hlen, seq, key, offset, length, stored_length, csum, stored_csum, batch_index = fields
     if magic not in (_MAGIC, _MAGIC1) or op not in (OP_PUT, OP_DELETE) or codec >= len(KINDS):
         return None
@@ -135,6 +130,15 @@ def _filesystem(fd: int) -> tuple[str, str]:
     except OSError:
         pass
     return "", ""
+
+
+def _stored_ok(rec: _Record, stored: memoryview) -> bool:
+    """Whether the bytes read from rec's extent are the ones rec describes (length and checksum)."""
+    if stored.nbytes != rec.stored_length:
+        return False
+    if rec.hlen:
+        return _csum([stored[:rec.hlen], stored[UNIT_BYTES:]]) == rec.checksum
+    return checksum(stored) == rec.stored_checksum
 
 
 def _address(view) -> int:
@@ -760,14 +764,10 @@ class NvmeTier(Tier):
             stored = self._read_extent(rec)
             detail = None
             head, data = b"", None
-            if stored.nbytes != rec.stored_length:
+            if not _stored_ok(rec, stored):
                 detail = "stored bytes do not match their checksum"
             elif rec.hlen:
                 head, data = stored[:rec.hlen], stored[UNIT_BYTES:]
-                if _csum([head, data]) != rec.checksum:
-                    detail = "stored bytes do not match their checksum"
-            elif checksum(stored) != rec.stored_checksum:
-                detail = "stored bytes do not match their checksum"
             else:
                 try:
                     if rec.codec != CODEC_IDS["none"] and bytes(stored[:4]) == _QHEAD_MAGIC:
@@ -787,12 +787,7 @@ class NvmeTier(Tier):
         """Whether rec's extent holds what rec describes (recovery's check of the last group commit)."""
         if rec.offset + rec.stored_length > os.fstat(self._data_fd).st_size:
             return False
-        stored = self._read_extent(rec)
-        if stored.nbytes != rec.stored_length:
-            return False
-        if rec.hlen:
-            return _csum([stored[:rec.hlen], stored[UNIT_BYTES:]]) == rec.checksum
-        return checksum(stored) == rec.stored_checksum
+        return _stored_ok(rec, self._read_extent(rec))
 
     def _drop(self, key: bytes, rec: _Record) -> None:
         """Forget a corrupt block durably, so it is never served again (caller holds the lock)."""

@@ -72,6 +72,24 @@ def test_deferred_decisions_match_immediate_ones(policy):
     assert runs[0] == runs[1]
 
 
+@pytest.mark.parametrize("defer", [False, True])
+def test_the_policy_learns_from_every_request(defer):
+    """Each put and get is one request to the policy, and it learns from each what replay's end_request teaches
+    (Policy.request_done): the learned experts count a block seen once per request that touched it."""
+    e = make_engine(short_dir(), defer)
+    put(e, "t", None, [5, 6])
+    e.run_deferred()
+    for _ in range(2):
+        lease, _, _ = e.get("t", None, [5])
+        e.run_deferred()
+        e.release(lease)
+    b5, b6 = e.blocks.values()   # in put order
+    ex = e.policies[0].explain(b5.bid)
+    assert ex["density_expert"]["times_seen"] == 3
+    assert e.policies[0]._shadows["predict"]._seen == {b5.bid: 3, b6.bid: 1}
+    e.close()
+
+
 def test_decoding_session_pinned_at_commit():
     """A decoding session's blocks are pinned before the reply, not when the deferred work runs."""
     e = make_engine(short_dir(), defer=True)

@@ -141,8 +141,16 @@ def test_multi_tier_demotes_instead_of_dropping():
     two = replay_tiers(reqs, "lru", parse_tiers("dram:50,nvme:2000"), urgency=False).as_dict()
     assert two["tiers"][1]["hits"] > 0 and two["demotions"] > 0
     assert two["hit_rate"] > one["hit_rate"]
-    # single tier without urgency is the single-tier contract
-    assert one["hits"] == replay_single(reqs, "lru", 50).hits
+
+
+@pytest.mark.parametrize("name", [p for p in policy_names() if p != "opt"])
+def test_block_by_block_offers_learn_what_end_request_learns(name):
+    """A tier stack (and the daemon) offers block by block, then calls request_done; with one tier and no
+    urgency that is the single-tier contract, hit for hit. (Learned experts that missed request_done never
+    counted a block as seen again, nor a session's turns.)"""
+    reqs = generate("chat", 700, seed=4)
+    one = replay_tiers(reqs, name, parse_tiers("dram:60"), urgency=False).as_dict()
+    assert one["hits"] == replay_single(reqs, name, 60).hits
 
 
 def _assert_default_keeps_up(reqs, fractions=(0.02, 0.05, 0.10)):

@@ -111,3 +111,24 @@ def test_head_heap_matches_a_full_scan_as_ages_cross_buckets():
             assert checked > 200
             # a head replaced by a re-offer is re-ranked lazily (when it surfaces), as before: rare mismatches
             assert agree / checked > 0.97, (name, blocks_per_request, agree, checked)
+
+
+def test_an_offer_after_later_requests_began_uses_its_own_requests_features():
+    """A tier stack pins a decoding session's blocks and offers them when its decode ends, after later
+    requests began: each block must be labelled with its own request's features, not the latest one's."""
+    for name in ("kvtier-predict", "kvtier-density"):
+        p = make_policy(name, 50)
+        a = Request(0, 0.0, 512 * 3, 8, [1, 2, 3], session_id=1)
+        b = Request(1, 10.0, 512 * 900, 4000, [1, 2] + list(range(100, 1000)), session_id=1)
+        p.begin_request(a)
+        p.request_done(a)    # as a tier stack does at the request's arrival; its blocks stay pinned
+        p.begin_request(b)   # b continues a's conversation: a CONTINUE transition, 902 blocks
+        p.request_done(b)
+        p.offer(3, a, 2, False)
+        p.offer(500, b, 400, False)
+        if name == "kvtier-predict":
+            fa, fb = p._ghost[3][0].feats, p._ghost[500][0].feats
+            assert ("size", 2) in fa and ("out", 4) in fa, fa
+            assert ("size", 10) in fb and ("out", 12) in fb, fb
+        else:
+            assert p._ghost[3][0][1] == 0 and p._ghost[500][0][1] == 1   # FIRST, CONTINUE

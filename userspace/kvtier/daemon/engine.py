@@ -901,6 +901,7 @@ class Engine:
                 self._admit(0, b, lambda p: p.offer(b.bid, req, pos, False))
             else:
                 self._admit(b.tier, b, lambda p: p.admit_demoted(b.bid, None))
+        self.policies[0].request_done(req)
 
     def _policy_work(self, fn) -> None:
         if self.defer_policy:
@@ -1022,6 +1023,8 @@ class Engine:
             self.leases[lease] = held
         if hits is not None:
             self._deferred.append(lambda: self._account_hits(req, hits))
+        else:
+            self.policies[0].request_done(req)
         return lease, slots, served
 
     def _account_hit(self, b: Block, src: int, req, pos: int) -> None:
@@ -1037,6 +1040,7 @@ class Engine:
         for b, pos in hits:
             if self.blocks.get(b.key) is b and not b.pins and b.tier == 0:
                 self._account_hit(b, 0, req, pos)
+        self.policies[0].request_done(req)
 
     def release(self, lease: int) -> None:
         if self.gpu is not None:

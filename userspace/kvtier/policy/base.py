@@ -7,6 +7,8 @@ The replay driver and the daemon speak to a policy through the same calls, in th
     offer(block, req, pos, hit)      after the request, each of its blocks is offered for admission;
                                      the policy may decline a new block (admission control) and returns
                                      the blocks it evicted to make room
+    request_done(req)                after the offers: per-request learning (end_request(req, hits) is
+                                     every offer, then this)
     remove(block)                    the caller takes a block away (promotion to a faster tier, pinning)
     pop_victim()                     evict one block now (the caller shrinks the tier or demotes)
     session_hint(sid, state)         prefill / decode / idle / finished
@@ -73,11 +75,17 @@ class Policy(ABC):
         return out
 
     def end_request(self, req: Request, hits: list[bool]) -> list[int]:
-        """Offer every block of the request, in order; returns all evictions."""
+        """Offer every block of the request, in order, then request_done(req); returns all evictions."""
         out: list[int] = []
         for pos, block in enumerate(req.hash_ids):
             out.extend(self.offer(block, req, pos, hits[pos]))
+        self.request_done(req)
         return out
+
+    def request_done(self, req: Request) -> None:
+        """The request's blocks have been offered: what it teaches beyond them (how often each block has been
+        seen, the session's turn count). end_request calls it; a caller that offers block by block (a tier
+        stack that pins a decoding session's blocks, the daemon) calls it once per request, after its offers."""
 
     def touch(self, block: int, count: int, now_ms: float = 0.0) -> None:
         """The block was accessed outside the API `count` times (eBPF access heat: an engine read or wrote

@@ -69,7 +69,6 @@ class HitDensityPolicy(ClassQueuePolicy):
         self._children: dict[int, int] = {}                   # block -> first child seen (-1: several)
         self._density: dict[tuple, float] = {}                # (class, bucket) -> cached hit density
         self._admit_rate = 16.0                               # EMA of admissions per request
-        self._transition = Transition.FIRST
         self.sessions: dict[int, Session] = {}
         # Lower tiers of a stack see only demotions, so they score blocks with the first tier's statistics.
         self.learner: HitDensityPolicy = self
@@ -153,7 +152,8 @@ class HitDensityPolicy(ClassQueuePolicy):
             btype = BlockType.HISTORY
         else:
             btype = BlockType.INPUT
-        return (int(btype), int(self._transition) if TRANSITION_IN_CLASS else 0, min(self._seen.get(block, 0), 3))
+        transition = self._state_of(req) if TRANSITION_IN_CLASS else 0
+        return (int(btype), int(Transition.CONTINUE) if transition is None else transition, min(self._seen.get(block, 0), 3))
 
     # -- the Policy interface ---------------------------------------------------------------------
     def begin_request(self, req):
@@ -164,7 +164,7 @@ class HitDensityPolicy(ClassQueuePolicy):
         seen = self._seen
         while depth < len(ids) and ids[depth] in seen:
             depth += 1
-        self._transition = Transition.CONTINUE if depth >= 2 else Transition.FIRST
+        self._begin(req, int(Transition.CONTINUE if depth >= 2 else Transition.FIRST))
         s = self.sessions.get(req.session_id)
         if s is None and req.session_id >= 0:
             s = self.sessions[req.session_id] = Session(req.session_id, tenant=req.tenant)
@@ -177,8 +177,7 @@ class HitDensityPolicy(ClassQueuePolicy):
             s.state = SessionState.PREFILL
             s.blocks = ids
 
-    def end_request(self, req, hits):
-        out = super().end_request(req, hits)
+    def request_done(self, req):
         seen, children = self._seen, self._children
         prev = None
         for b in req.hash_ids:
@@ -192,7 +191,6 @@ class HitDensityPolicy(ClassQueuePolicy):
             prev = b
         admitted = sum(1 for b in req.hash_ids if b in self._where)
         self._admit_rate = 0.99 * self._admit_rate + 0.01 * admitted
-        return out
 
     def offer(self, block, req, pos, hit):
         cls = self._classify(req, pos, hit)
@@ -384,6 +382,10 @@ class KvtierPolicy(Policy):
         for b in req.hash_ids:
             out.extend(follow(b))
         return out
+
+    def request_done(self, req):
+        for s in self._list:
+            s.request_done(req)
 
     def offer(self, block, req, pos, hit):
         lead = self._lead

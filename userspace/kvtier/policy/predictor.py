@@ -100,8 +100,6 @@ class ReusePredictorPolicy(ClassQueuePolicy):
         self._dropped = [0.0] * 5               # per seen bucket: blocks not reused within W
         self._density: dict[tuple, float] = {}
         self._admit_rate = 16.0
-        self._req_feats: tuple = ()
-        self._groups: dict = {}                 # (seen bucket, role) -> (sample, p) for the current request
         self._tail: dict = {}                   # per seen bucket: cached S(a) and residual-gap tables
 
     # -- the model ------------------------------------------------------------------------------------
@@ -205,13 +203,16 @@ class ReusePredictorPolicy(ClassQueuePolicy):
         sb = min(self._seen.get(ids[pos], 0), 4)
         role = 0 if pos == 0 else (2 if pos == len(ids) - 1 else 1)
         key = (sb, role)
-        g = self._groups.get(key)
+        st = self._state_of(req)   # (request features, {(seen bucket, role): (sample, cohort)})
+        if st is None:             # offered long after its request: known blocks, the session as it is now
+            st = (self._request_features(req, len(ids)), {})
+        g = st[1].get(key)
         if g is None:
-            feats = self._req_feats + (("seen", sb), ("role", role), ("seen-role", sb, role))
+            feats = st[0] + (("seen", sb), ("role", role), ("seen-role", sb, role))
             s = _Sample(feats, self._clock)
             self._pending.append(s)
             pq = min(P_LEVELS - 1, int(self._predict(feats) * P_LEVELS))
-            g = self._groups[key] = (s, (pq, sb))
+            g = st[1][key] = (s, (pq, sb))
         return g
 
     # -- the Policy interface -------------------------------------------------------------------------
@@ -222,11 +223,9 @@ class ReusePredictorPolicy(ClassQueuePolicy):
         depth = 0
         while depth < len(ids) and ids[depth] in self._seen:
             depth += 1
-        self._req_feats = self._request_features(req, depth)
-        self._groups = {}
+        self._begin(req, (self._request_features(req, depth), {}))
 
-    def end_request(self, req, hits):
-        out = super().end_request(req, hits)
+    def request_done(self, req):
         seen = self._seen
         for b in req.hash_ids:
             seen[b] = seen.get(b, 0) + 1
@@ -242,7 +241,6 @@ class ReusePredictorPolicy(ClassQueuePolicy):
                 s[1] = req.timestamp_ms
         admitted = sum(1 for b in req.hash_ids if b in self._where)
         self._admit_rate = 0.99 * self._admit_rate + 0.01 * admitted
-        return out
 
     def offer(self, block, req, pos, hit):
         if pos < 0:  # a demotion without a request position: keep it as a once-seen history block

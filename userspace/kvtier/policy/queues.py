@@ -16,6 +16,8 @@ from collections import OrderedDict, deque
 
 from kvtier.policy.base import Policy
 
+RECENT_REQUESTS = 4096   # requests whose per-request state is kept for offers that come after later requests began
+
 
 class ClassQueuePolicy(Policy):
     """Subclasses define `_hit_density(cls, age_requests)` and `_bucket_end(age_requests)` (the smallest age in a
@@ -31,6 +33,24 @@ class ClassQueuePolicy(Policy):
         self._clock = 0
         self._ghost: dict = {}                          # block -> record of its last offer in the horizon: [1] is its clock
         self._ghost_q: deque = deque()                  # (block, clock) offers in order, to expire ghosts
+        self._req = self._req_state = None              # the request begun last, and what the subclass keeps of it
+        self._recent: OrderedDict = OrderedDict()       # req.index -> that state, for the last RECENT_REQUESTS
+
+    def _begin(self, req, state) -> None:
+        """Keep per-request state for the request's offers. A tier stack offers a decoding session's blocks when
+        its decode ends, after later requests began: those offers find their own request's state here."""
+        self._req, self._req_state = req, state
+        if req.index >= 0:
+            recent = self._recent
+            recent[req.index] = state
+            if len(recent) > RECENT_REQUESTS:
+                recent.popitem(last=False)
+
+    def _state_of(self, req):
+        """What _begin kept for req (None if it is too old, or unindexed and not the current one)."""
+        if req is self._req:
+            return self._req_state
+        return self._recent.get(req.index) if req.index >= 0 else None
 
     def _hit_density(self, cls, age: float) -> float:
         raise NotImplementedError

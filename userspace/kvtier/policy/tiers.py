@@ -259,6 +259,8 @@ class TierStack:
         if not self.urgency:
             for pos in range(len(req.hash_ids)):
                 self._offer_top(req, pos, served[pos] is not None)
+            for p in self.policies:
+                p.request_done(req)
             return
         misses = sum(1 for t in served if t is None)
         prefill_ms, decode_ms = self.cost.busy_ms(req, misses)
@@ -277,6 +279,7 @@ class TierStack:
         res.max_pinned_blocks = max(res.max_pinned_blocks, len(self.pinned))
         for p in self.policies:
             p.session_hint(req.session_id, SessionState.DECODE, self.now_ms)
+            p.request_done(req)   # what the request teaches, now: its pinned blocks are offered at its end
         self._fit_top()
         heapq.heappush(self._ends, (req.timestamp_ms + prefill_ms + decode_ms, req.index, req))
 

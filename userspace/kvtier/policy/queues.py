@@ -4,10 +4,11 @@ Resident blocks sit in one insertion-ordered queue per class (block -> request c
 first). Within a class the oldest block has the lowest hit density, so only queue heads are eviction candidates:
 the head with the lowest density goes first, and a new block worth less than every head is declined (admission
 control). A density depends on the class and the bucket of the block's age, and is cached until the model relearns
-(`_stale()`), so the heads are ranked in a heap that is rebuilt only when the model relearns or the clock takes
-some head's age into its next bucket (`_bucket_end`); entries whose head has changed since are refreshed when they
-surface. Where the heads are old that spares most requests a rebuild over every class; a class whose head is young
-still forces one every few requests.
+(`_stale()`). The heads are ranked in a heap that holds a current entry for every head: an entry is pushed when a
+block becomes its class's head and again when the clock takes the head's age into its next bucket (a second heap
+orders those crossings), and entries that no longer describe a head at its current age are skipped when they
+surface. So the victim is always the lowest-density head, and a request costs O(log n) per head that changed or
+aged into a new bucket; the whole heap is rebuilt only when the model relearns (or dead entries pile up).
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ class ClassQueuePolicy(Policy):
         super().__init__(capacity_blocks)
         self._where: dict[int, tuple] = {}              # resident block -> class
         self._queues: dict[tuple, OrderedDict] = {}     # class -> block -> clock of its last offer
-        self._heads: list | None = None                 # (density, head block, class, its clock)
+        self._heads: list | None = None                 # (density, head block, class, its clock, valid until clock)
+        self._crossings: list = []                      # (clock, block, class, its clock): a head's age changes bucket
         self._heads_stamp = None                        # _freshness() when the heap was built
-        self._heads_until = 0                           # clock at which some head's age changes bucket
         self._clock = 0
         self._ghost: dict = {}                          # block -> record of its last offer in the horizon: [1] is its clock
         self._ghost_q: deque = deque()                  # (block, clock) offers in order, to expire ghosts
@@ -65,12 +66,20 @@ class ClassQueuePolicy(Policy):
         """Changes whenever densities may have for another reason than the heads' ages: the heap is rebuilt."""
         return None
 
-    def _push_head(self, heap, cls, block, t) -> None:
+    def _push_head(self, cls, block, t) -> None:
+        """Rank `block` (clock t), now the head of class cls, at its current age; note when that age changes bucket."""
         age = self._clock - t
-        heapq.heappush(heap, (self._hit_density(cls, age), block, cls, t))
         until = t + self._bucket_end(age)
-        if until < self._heads_until:
-            self._heads_until = until
+        heapq.heappush(self._heads, (self._hit_density(cls, age), block, cls, t, until))
+        if until != float("inf"):
+            heapq.heappush(self._crossings, (until, block, cls, t))
+
+    def _new_head(self, q: OrderedDict, cls) -> None:
+        """The head of class cls left (evicted, removed or re-offered): rank the next one."""
+        if q and self._heads is not None:
+            for b, t in q.items():   # the head only
+                self._push_head(cls, b, t)
+                break
 
     def _expire_ghosts(self, limit):
         """Remove and yield the ghost records of blocks last offered before clock `limit` and not accessed since:
@@ -102,12 +111,16 @@ class ClassQueuePolicy(Policy):
                 self._drop(victim)
                 out.append(victim)
         else:
-            del self._queues[old][block]
+            oq = self._queues[old]
+            was_head = next(iter(oq)) == block
+            del oq[block]
+            if was_head:
+                self._new_head(oq, old)
         q = self._queues.get(cls)
         if q is None:
             q = self._queues[cls] = OrderedDict()
         if not q and self._heads is not None:
-            self._push_head(self._heads, cls, block, now)
+            self._push_head(cls, block, now)
         q[block] = now
         self._where[block] = cls
         return out
@@ -127,37 +140,37 @@ class ClassQueuePolicy(Policy):
         """The class head with the lowest hit density, if below floor."""
         heap = self._heads
         stamp = self._freshness()
-        if heap is None or stamp != self._heads_stamp or self._clock >= self._heads_until:
-            self._heads_stamp = stamp
-            now = self._clock
-            heap = self._heads = []
-            until = float("inf")
-            density, bucket_end = self._hit_density, self._bucket_end
-            for cls, q in self._queues.items():
-                if q:
-                    for b, t in q.items():   # the head only
-                        heap.append((density(cls, now - t), b, cls, t))
-                        end = t + bucket_end(now - t)
-                        if end < until:
-                            until = end
-                        break
-            self._heads_until = until
-            heapq.heapify(heap)
         queues = self._queues
+        now = self._clock
+        if heap is None or stamp != self._heads_stamp or len(heap) > 4 * len(queues) + 64:
+            self._heads_stamp = stamp
+            heap = self._heads = []
+            self._crossings = []
+            for cls, q in queues.items():
+                self._new_head(q, cls)
+        else:
+            crossings = self._crossings
+            while crossings and crossings[0][0] <= now:
+                _, b, cls, t = heapq.heappop(crossings)
+                q = queues[cls]
+                if q and next(iter(q.items())) == (b, t):   # still the head: ranked again at its new age
+                    self._push_head(cls, b, t)
         while heap:
-            v, b, cls, t = heap[0]
-            q = queues[cls]
-            if q and next(iter(q.items())) == (b, t):   # still this class's head, with the age it was ranked at
-                return b if v < floor else None
-            heapq.heappop(heap)
-            if q:
-                hb, t = next(iter(q.items()))
-                self._push_head(heap, cls, hb, t)
+            v, b, cls, t, until = heap[0]
+            if now < until:
+                q = queues[cls]
+                if q and next(iter(q.items())) == (b, t):   # a head, ranked at its current age
+                    return b if v < floor else None
+            heapq.heappop(heap)   # a head that left, or an entry its age has outgrown (a newer one is queued)
         return None
 
     def _drop(self, block) -> None:
         cls = self._where.pop(block)
-        del self._queues[cls][block]
+        q = self._queues[cls]
+        was_head = next(iter(q)) == block
+        del q[block]
+        if was_head:
+            self._new_head(q, cls)
 
     def remove(self, block):
         if block not in self._where:

@@ -565,10 +565,10 @@ class Engine:
         return True
 
     # -- requests as the policy sees them -----------------------------------------------------------
-    def _request(self, sid: int, tenant: str, blocks: list[Block]) -> Request:
+    def _request(self, sid: int | None, tenant: str, blocks: list[Block]) -> Request:
         self._req_index += 1
-        return Request(self._req_index, time.monotonic() * 1e3, 512 * len(blocks), 0,
-                       [b.bid for b in blocks], session_id=sid, tenant=tenant)
+        return Request(self._req_index, time.monotonic() * 1e3, 512 * len(blocks), 0, [b.bid for b in blocks],
+                       session_id=-1 if sid is None else sid, tenant=tenant)   # -1: no session (ids start at 1)
 
     def _session(self, tenant: str, sid) -> Session | None:
         if sid is None:
@@ -892,7 +892,7 @@ class Engine:
     def _admit_put(self, sid, tenant: str, blocks: list) -> None:
         if self.cluster is not None:
             self.cluster.on_put(blocks)
-        req = self._request(sid or 0, tenant, blocks)
+        req = self._request(sid, tenant, blocks)
         self.policies[0].begin_request(req)
         for pos, b in enumerate(blocks):
             if b.pins or self.blocks.get(b.key) is not b:
@@ -954,7 +954,7 @@ class Engine:
                 b = self.cluster.fetch(tenant, derive_key(salt, h))   # a local miss: the cluster's copy, verified
             b = self._known(b)
             found.append(b if self._mine(b, tenant, salt) else None)
-        req = self._request(sid or 0, tenant, [b for b in found if b is not None])
+        req = self._request(sid, tenant, [b for b in found if b is not None])
         # every block already in the first tier (nothing to promote): the policy sees the hits after the reply
         hits = [] if self.defer_policy and self.gpu is None and self.cluster is None and \
             all(b is None or b.tier == 0 for b in found) else None

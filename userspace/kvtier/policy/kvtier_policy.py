@@ -287,6 +287,8 @@ class KvtierPolicy(Policy):
             self._shadows[e] = make[e](capacity_blocks)
         self._names = list(self._shadows)
         self._list = list(self._shadows.values())
+        # the experts that learn from request_done (the recency ones do not: no call per request for them)
+        self._learners = [s.request_done for s in self._list if type(s).request_done is not Policy.request_done]
         super().__init__(capacity_blocks)
         self._res: OrderedDict[int, None] = OrderedDict()   # resident blocks, least recently used first
         self._stale: deque[int] = deque()                  # resident blocks the leader no longer holds
@@ -384,8 +386,8 @@ class KvtierPolicy(Policy):
         return out
 
     def request_done(self, req):
-        for s in self._list:
-            s.request_done(req)
+        for done in self._learners:
+            done(req)
 
     def offer(self, block, req, pos, hit):
         lead = self._lead

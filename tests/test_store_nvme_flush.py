@@ -251,6 +251,39 @@ def test_a_put_into_committed_space_costs_one_flush(store_dir):
     t.close()
 
 
+def test_the_log_write_overlaps_the_data_write_and_a_crash_between_is_cut(store_dir):
+    """In committed space the records are written (and their writeback started) before the data, so the
+    log's device write overlaps the data's; the commit stays the last one until its flush, so a kill -9
+    after its records and before its data leaves a commit that recovery reads back and cuts."""
+    t = NvmeTier("nvme0", store_dir, 32 << 20)
+    single_flush(t)
+    t.put(key(0), block(0, 1 << 20))
+    t.put(key(1), block(1, 1 << 20))
+    t.delete(key(1))   # its extent, committed and free, takes key 0's next version
+    order = []
+    for name in ("_log_write", "_write_pending", "_log_commit"):
+        real = getattr(t, name)
+        setattr(t, name, lambda *a, _n=name, _r=real: (order.append(_n), _r(*a))[1])
+    t.put(key(2), block(2, 1 << 20))
+    assert order == ["_log_write", "_write_pending", "_log_commit"]
+    assert t.stats()["log_writeback_early"] == 1 and t.get(key(2)) == block(2, 1 << 20)
+    t.delete(key(2))
+    t.close()
+    pid = os.fork()
+    if pid == 0:   # the child dies after the records of key 0's overwrite, before its data
+        try:
+            c = NvmeTier("nvme0", store_dir, 32 << 20)
+            c._write_pending = lambda p: os._exit(0)
+            c.put(key(0), block(10, 1 << 20))
+        finally:
+            os._exit(3)
+    assert os.waitpid(pid, 0)[1] == 0
+    t = NvmeTier("nvme0", store_dir, 32 << 20)
+    assert t.stats()["recovery_unflushed_records"] == 1
+    assert t.get(key(0)) == block(0, 1 << 20) and t.keys() == [key(0)]
+    t.close()
+
+
 def lose_the_data(store_dir: str, offset: int, nbytes: int) -> None:
     """What a power loss before the flush can leave: the record on disk, the extent's old bytes."""
     with open(os.path.join(store_dir, DATA_FILE), "r+b") as f:

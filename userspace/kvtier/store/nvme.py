@@ -565,18 +565,18 @@ class NvmeTier(Tier):
                 done.append(self._prepare(check_key(key), data, header, item_layout, lossless))
             if done:
                 extents = [(p.rec.offset, p.rec.offset + _round_up(p.rec.stored_length)) for p in done]
-                with self._lock:
+                with self._lock:   # (the committed part only grows: a yes stays true)
                     overlap = self.fsync and self.flush_mode == "single" and \
                         all(end <= self._durable_end for _, end in extents)
-                    if overlap:
-                        self._commit_overlapped(done)
                 if not overlap:
                     for p in done:
                         self._write_pending(p)
                     self._sync_data(extents)
-                    with self._lock:
+                with self._lock:   # the records and the index change together
+                    if overlap:
+                        self._commit_overlapped(done)
+                    else:
                         self._append_raw(self._records(done), len(done))
-                with self._lock:
                     for p in done:
                         old = self._index.get(p.key)
                         self._index[p.key] = p.rec

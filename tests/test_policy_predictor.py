@@ -131,3 +131,25 @@ def test_an_offer_after_later_requests_began_uses_its_own_requests_features():
             assert ("size", 10) in fb and ("out", 12) in fb, fb
         else:
             assert p._ghost[3][0][1] == 0 and p._ghost[500][0][1] == 1   # FIRST, CONTINUE
+
+
+def test_per_block_and_session_history_stays_bounded_and_keeps_what_is_in_use():
+    """A daemon runs for months while blocks and sessions come and go: the learned experts keep the history
+    (times seen, first child, sessions' turns) of the most recently used blocks and sessions only, a bounded
+    number, and a block in use all along keeps its count."""
+    from kvtier.policy.queues import HISTORY_PER_BLOCK, SESSIONS_KEPT
+
+    p = make_policy("kvtier", 10)
+    n = SESSIONS_KEPT + 30_000
+    for i in range(n):   # every request: the shared root block and one new block, in a session of its own
+        r = Request(i, float(i), 1024, 8, [0, 1_000_000 + i], session_id=i)
+        p.begin_request(r)
+        p.end_request(r, [p.contains(b) for b in r.hash_ids])
+    density, predict = p._shadows["density"], p._shadows["predict"]
+    limit = HISTORY_PER_BLOCK * 1024
+    for e in (density, predict):
+        assert e.history_blocks == limit and len(e._seen) <= limit * 5 // 4
+        assert e._seen[0] == n and e._seen[1_000_000 + n - 1] == 1
+    assert len(density._children) <= limit * 5 // 4
+    assert len(density.sessions) <= SESSIONS_KEPT * 5 // 4 and n - 1 in density.sessions
+    assert len(predict._sess) <= SESSIONS_KEPT * 5 // 4 and predict._sess[n - 1][0] == 1

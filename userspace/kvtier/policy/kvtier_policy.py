@@ -41,7 +41,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 
 from kvtier.policy.base import Policy
-from kvtier.policy.queues import ClassQueuePolicy
+from kvtier.policy.queues import SESSIONS_KEPT, ClassQueuePolicy, trimmed
 from kvtier.policy.model import BlockType, Request, Session, SessionState, Transition
 
 AGE_BUCKETS = 24          # log2 buckets of age in requests
@@ -165,9 +165,12 @@ class HitDensityPolicy(ClassQueuePolicy):
         while depth < len(ids) and ids[depth] in seen:
             depth += 1
         self._begin(req, int(Transition.CONTINUE if depth >= 2 else Transition.FIRST))
-        s = self.sessions.get(req.session_id)
+        s = self.sessions.pop(req.session_id, None)
         if s is None and req.session_id >= 0:
-            s = self.sessions[req.session_id] = Session(req.session_id, tenant=req.tenant)
+            s = Session(req.session_id, tenant=req.tenant)
+        if s is not None:
+            self.sessions[req.session_id] = s   # last: the sessions kept are the most recently active
+            self.sessions = trimmed(self.sessions, SESSIONS_KEPT)
         if s is not None:
             if s.turns:
                 s.gaps_ms.append(req.timestamp_ms - s.last_arrival_ms)
@@ -181,7 +184,7 @@ class HitDensityPolicy(ClassQueuePolicy):
         seen, children = self._seen, self._children
         prev = None
         for b in req.hash_ids:
-            seen[b] = seen.get(b, 0) + 1
+            seen[b] = seen.pop(b, 0) + 1
             if prev is not None:
                 c = children.get(prev)
                 if c is None:
@@ -189,6 +192,8 @@ class HitDensityPolicy(ClassQueuePolicy):
                 elif c != b:
                     children[prev] = -1
             prev = b
+        keep = self.history_blocks
+        self._seen, self._children = trimmed(seen, keep), trimmed(children, keep)
         admitted = sum(1 for b in req.hash_ids if b in self._where)
         self._admit_rate = 0.99 * self._admit_rate + 0.01 * admitted
 
@@ -215,6 +220,7 @@ class HitDensityPolicy(ClassQueuePolicy):
         s = self.sessions.get(session_id)
         if s is None:
             s = self.sessions[session_id] = Session(session_id)
+            self.sessions = trimmed(self.sessions, SESSIONS_KEPT)
         s.state = state
         if state == SessionState.FINISHED:
             s.blocks = []

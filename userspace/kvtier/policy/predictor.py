@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from kvtier.policy.queues import ClassQueuePolicy
+from kvtier.policy.queues import SESSIONS_KEPT, ClassQueuePolicy, trimmed
 from kvtier.policy.model import Request
 
 P_LEVELS = 32               # quantisation of the predicted probability into cohorts
@@ -228,17 +228,20 @@ class ReusePredictorPolicy(ClassQueuePolicy):
     def request_done(self, req):
         seen = self._seen
         for b in req.hash_ids:
-            seen[b] = seen.get(b, 0) + 1
+            seen[b] = seen.pop(b, 0) + 1
+        self._seen = trimmed(seen, self.history_blocks)
         sid = req.session_id
         if sid >= 0:
-            s = self._sess.get(sid)
+            s = self._sess.pop(sid, None)
             if s is None:
-                self._sess[sid] = [1, req.timestamp_ms, None]
+                s = [1, req.timestamp_ms, None]
             else:
                 gap_s = (req.timestamp_ms - s[1]) / 1000.0
                 s[2] = gap_s if s[2] is None else 0.5 * s[2] + 0.5 * gap_s
                 s[0] += 1
                 s[1] = req.timestamp_ms
+            self._sess[sid] = s
+            self._sess = trimmed(self._sess, SESSIONS_KEPT)
         admitted = sum(1 for b in req.hash_ids if b in self._where)
         self._admit_rate = 0.99 * self._admit_rate + 0.01 * admitted
 

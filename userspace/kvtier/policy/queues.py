@@ -18,6 +18,21 @@ from collections import OrderedDict, deque
 from kvtier.policy.base import Policy
 
 RECENT_REQUESTS = 4096   # requests whose per-request state is kept for offers that come after later requests began
+HISTORY_PER_BLOCK = 16   # per-block history (times seen, first child) is kept for this many blocks per cache block
+SESSIONS_KEPT = 1 << 16  # sessions whose turns and gaps are kept, the most recently active
+
+
+def trimmed(d: dict, limit: int) -> dict:
+    """`d`, or once it holds a quarter more than `limit`, a copy of its last `limit` entries: a daemon runs for
+    months, and its blocks and sessions come and go (callers re-insert an entry they update, so the first ones
+    are the least recent). One copy now and then: deleting a dict's first entry one at a time costs a scan over
+    the dead entries before it."""
+    if len(d) <= limit + (limit >> 2):
+        return d
+    items = iter(d.items())
+    for _ in range(len(d) - limit):
+        next(items)
+    return dict(items)
 
 
 class ClassQueuePolicy(Policy):
@@ -46,6 +61,11 @@ class ClassQueuePolicy(Policy):
             recent[req.index] = state
             if len(recent) > RECENT_REQUESTS:
                 recent.popitem(last=False)
+
+    @property
+    def history_blocks(self) -> int:
+        """How many blocks' history (times seen, ...) the expert keeps."""
+        return HISTORY_PER_BLOCK * max(1024, self.capacity_blocks)
 
     def _state_of(self, req):
         """What _begin kept for req (None if it is too old, or unindexed and not the current one)."""

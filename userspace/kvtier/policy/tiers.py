@@ -164,7 +164,7 @@ class TierStack:
                 p.learner = self.policies[0]
         self.location: dict[int, int] = {}
         self.pinned: dict[int, int] = {}  # block -> number of decoding requests holding it
-        self._ends: list[tuple[float, int, Request]] = []
+        self._ends: list[tuple[float, int, Request, list[bool]]] = []   # (decode end, index, request, hits)
         self.result = TierResult(policy=self.policies[0].name, tiers=tiers, hits_per_tier=[0] * len(tiers))
         self.now_ms = 0.0
 
@@ -215,7 +215,7 @@ class TierStack:
 
     def _release_until(self, t_ms: float) -> None:
         while self._ends and self._ends[0][0] <= t_ms:
-            end, _, req = heapq.heappop(self._ends)
+            end, _, req, hits = heapq.heappop(self._ends)
             self.now_ms = end
             for p in self.policies:
                 p.session_hint(req.session_id, SessionState.IDLE, end)
@@ -232,7 +232,7 @@ class TierStack:
                     self._event("unpin", 0, b)
             self.policies[0].capacity_blocks = max(0, self.tiers[0].capacity_blocks - len(self.pinned))
             for pos in freed:
-                self._offer_top(req, pos, True)
+                self._offer_top(req, pos, hits[pos])   # a hit: resident when the request arrived
 
     def step(self, req: Request) -> None:
         self._release_until(req.timestamp_ms)
@@ -281,7 +281,8 @@ class TierStack:
             p.session_hint(req.session_id, SessionState.DECODE, self.now_ms)
             p.request_done(req)   # what the request teaches, now: its pinned blocks are offered at its end
         self._fit_top()
-        heapq.heappush(self._ends, (req.timestamp_ms + prefill_ms + decode_ms, req.index, req))
+        heapq.heappush(self._ends, (req.timestamp_ms + prefill_ms + decode_ms, req.index, req,
+                                    [t is not None for t in served]))
 
     def finish(self) -> TierResult:
         self._release_until(float("inf"))

@@ -110,11 +110,24 @@ static void kvtier_chunk_attach(struct kvtier_block *b, struct kvtier_chunk *c)
 	list_add_tail(&b->chunk_link, &c->owners);
 }
 
+/* Free @c's pages (no PTE maps them any more); the chunk is empty afterwards. */
+static void kvtier_chunk_free_pages(struct kvtier_chunk *c)
+{
+	unsigned int i;
+
+	for (i = 0; i < c->nr_pages; i++) {
+		if (c->pages[i]) {
+			kvtier_free_page(c->pages[i]);
+			c->pages[i] = NULL;
+		}
+	}
+	c->populated = 0;
+}
+
 /* Drop @b's reference on its chunk; the last sharer frees the pages. */
 static void kvtier_chunk_detach(struct kvtier_block *b)
 {
 	struct kvtier_chunk *c = b->chunk;
-	unsigned int i;
 
 	if (!c)
 		return;
@@ -122,9 +135,7 @@ static void kvtier_chunk_detach(struct kvtier_block *b)
 	list_del(&b->chunk_link);
 	if (--c->sharers)
 		return;
-	for (i = 0; i < c->nr_pages; i++)
-		if (c->pages[i])
-			kvtier_free_page(c->pages[i]);
+	kvtier_chunk_free_pages(c);
 	kvfree(c);
 }
 
@@ -725,7 +736,6 @@ int kvtier_discard(struct kvtier_region *r, const struct kvtier_range *req)
 	for (b = req->first_block; b < req->first_block + req->nr_blocks; b++) {
 		struct kvtier_block *blk = &r->blocks[b];
 		struct kvtier_chunk *c = blk->chunk;
-		unsigned int i;
 
 		if (!c->populated)
 			continue;
@@ -740,13 +750,7 @@ int kvtier_discard(struct kvtier_region *r, const struct kvtier_range *req)
 			continue;
 		}
 		kvtier_zap_block_locked(blk, c);
-		for (i = 0; i < c->nr_pages; i++) {
-			if (c->pages[i]) {
-				kvtier_free_page(c->pages[i]);
-				c->pages[i] = NULL;
-			}
-		}
-		c->populated = 0;
+		kvtier_chunk_free_pages(c);
 	}
 	mutex_unlock(&kvtier_lock);
 	return err;
@@ -791,9 +795,7 @@ int kvtier_unshare(struct kvtier_region *r, const struct kvtier_range *req)
 			c->populated++;
 		}
 		if (i < old->nr_pages) {
-			for (i = 0; i < c->nr_pages; i++)
-				if (c->pages[i])
-					kvtier_free_page(c->pages[i]);
+			kvtier_chunk_free_pages(c);
 			kvfree(c);
 			err = -ENOMEM;
 			break;

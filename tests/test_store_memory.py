@@ -362,20 +362,12 @@ def test_kmod_domain_over_max_total_gets_a_memfd_arena(kvtier_dev):
         t.close()
 
 
-def shmem_pmd_bytes() -> int:
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("ShmemPmdMapped:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 @pytest.mark.guest("tiered")
 def test_memfd_arena_sits_on_2mib_pages_where_shmem_thp_allows():
     """The tier advises 2 MiB pages for its memfd: with shmem THP "advise" (set here, in the guest's own
     kernel) a put faults its slot in huge pages, which O_DIRECT moves in a few large requests; under the
     default "never" the same tier works on 4 KiB pages."""
-    from kvtier.store.memory import SHMEM_THP, shmem_thp_mode
+    from kvtier.store.memory import SHMEM_THP, shmem_pmd_bytes, shmem_thp_mode
 
     def set_mode(mode):
         with open(SHMEM_THP, "w") as f:

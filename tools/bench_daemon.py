@@ -49,15 +49,6 @@ def rss(pid: int) -> dict[str, int]:
     return out
 
 
-def shmem_pmd_bytes(pid: int) -> int:
-    """Bytes of shared memory the process maps with 2 MiB pages (its arenas on shmem THP)."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("ShmemPmdMapped:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def best(fn, repeat: int) -> float:
     ts = []
     for _ in range(repeat):
@@ -377,7 +368,7 @@ def main() -> None:
                     help="do not prefault the DRAM arena (first puts then fault its pages in one by one)")
     args = ap.parse_args()
     from kvtier.cli.common import human_bytes, table
-    from kvtier.store.memory import shmem_thp_mode
+    from kvtier.store.memory import shmem_pmd_bytes, shmem_thp_mode
 
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})   # the daemon (a child) inherits it

@@ -171,7 +171,6 @@ class HitDensityPolicy(ClassQueuePolicy):
         if s is not None:
             self.sessions[req.session_id] = s   # last: the sessions kept are the most recently active
             self.sessions = trimmed(self.sessions, SESSIONS_KEPT)
-        if s is not None:
             if s.turns:
                 s.gaps_ms.append(req.timestamp_ms - s.last_arrival_ms)
                 del s.gaps_ms[:-8]

@@ -79,6 +79,15 @@ def shmem_thp_mode() -> str:
     return text[at + 1:text.find("]", at)] if at >= 0 else text.strip()
 
 
+def shmem_pmd_bytes(pid: int | str = "self") -> int:
+    """Bytes of shared memory process `pid` maps with 2 MiB pages (memfd arenas on shmem THP)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("ShmemPmdMapped:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def populate(addr: int, length: int, stop: threading.Event | None = None) -> str:
     """Fault [addr, addr+length) in writable, chunk by chunk (ctypes drops the GIL, so a background thread
     does this without stalling the caller's thread); returns "" when done, else why it stopped. A page

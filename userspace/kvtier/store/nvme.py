@@ -394,16 +394,16 @@ class NvmeTier(Tier):
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kvtier-{self.name}-io")
             return self._pool
 
+    def _committed(self, extents: list[tuple[int, int]]) -> bool:
+        """Whether extents [(start, end)] all lie in the committed part of the data file, so the log's flush
+        covers their overwrite (flush_mode single; caller holds the lock). The part only grows: a yes stays
+        true."""
+        return self.flush_mode == "single" and all(end <= self._durable_end for _, end in extents)
+
     def _sync_data(self, extents: list[tuple[int, int]]) -> None:
-        """Make written extents [(start, end)] durable, or leave them to the log's flush that follows
-        (flush_mode single: they overwrite committed extents, and the O_DIRECT writes have completed).
-        An extent past the committed part fills a hole or grows the file: that metadata needs the
-        data file's own fdatasync (a journal commit)."""
-        if self.flush_mode == "single":
-            with self._lock:
-                if all(end <= self._durable_end for _, end in extents):
-                    self._stats["data_syncs_saved"] += 1
-                    return
+        """Make written extents [(start, end)] durable before their records: outside the committed part an
+        extent fills a hole or grows the file, and that metadata needs the data file's own fdatasync (a
+        journal commit); after it, the extents count as committed."""
         if self.fsync:
             os.fdatasync(self._data_fd)
             self._stats["data_syncs"] += 1
@@ -565,9 +565,8 @@ class NvmeTier(Tier):
                 done.append(self._prepare(check_key(key), data, header, item_layout, lossless))
             if done:
                 extents = [(p.rec.offset, p.rec.offset + _round_up(p.rec.stored_length)) for p in done]
-                with self._lock:   # (the committed part only grows: a yes stays true)
-                    overlap = self.fsync and self.flush_mode == "single" and \
-                        all(end <= self._durable_end for _, end in extents)
+                with self._lock:
+                    overlap = self._committed(extents)
                 if not overlap:
                     for p in done:
                         self._write_pending(p)

@@ -9,6 +9,7 @@ Nothing here imports cuda.bindings at module import: load() does, when asked for
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 STANDIN_ENV = "KVTIER_CUDA_STANDIN"   # "1": GPU tier and discovery use the recording stand-in (tests only)
@@ -45,6 +46,23 @@ def load(standin: bool | None = None) -> "Runtime":
     return Runtime(rt)
 
 
+def _cu_mem_range_get_attribute(attribute: int, ptr: int, nbytes: int) -> tuple[int | str, int]:
+    """(error, value) of the driver's cuMemRangeGetAttribute for a 4-byte attribute, through ctypes: error is 0,
+    or the CUresult's name."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        return f"libcuda.so.1 not loadable ({e})", 0
+    value = ctypes.c_int(0)
+    r = lib.cuMemRangeGetAttribute(ctypes.byref(value), ctypes.c_size_t(4), ctypes.c_int(attribute),
+                                   ctypes.c_uint64(ptr), ctypes.c_size_t(nbytes))
+    if r == 0:
+        return 0, value.value
+    name = ctypes.c_char_p()
+    lib.cuGetErrorName(ctypes.c_int(r), ctypes.byref(name))
+    return (name.value.decode() if name.value else f"CUresult {r}"), 0
+
+
 class Runtime:
     """Checked calls of the runtime API the GPU tier, its tests and bench_gpu.py use."""
 
@@ -57,6 +75,7 @@ class Runtime:
         self._advise = "cudaMemAdvise_v2" if hasattr(rt, "cudaMemAdvise_v2") else "cudaMemAdvise"
         self._prefetch = "cudaMemPrefetchAsync_v2" if hasattr(rt, "cudaMemPrefetchAsync_v2") else \
             "cudaMemPrefetchAsync"
+        self._driver_range_attribute = getattr(rt, "cuMemRangeGetAttribute", _cu_mem_range_get_attribute)
 
     def _name(self, err) -> str:
         try:
@@ -134,7 +153,14 @@ class Runtime:
         """An int-valued cudaMemRangeAttribute (name without its prefix, e.g. "LastPrefetchLocation"); for
         AccessedBy (a list of device ids) the first one."""
         attr = getattr(self.rt.cudaMemRangeAttribute, "cudaMemRangeAttribute" + attribute)
-        v = self._call("cudaMemRangeGetAttribute", 4, attr, ptr, nbytes)
+        try:
+            v = self._call("cudaMemRangeGetAttribute", 4, attr, ptr, nbytes)
+        except TypeError:
+            # cuda-bindings wraps only CUDA 11's attributes ("Unsupported attribute" for the rest); CUDA 12.2's
+            # ...Type/...Id pairs come from the driver's cuMemRangeGetAttribute (same enum values)
+            err, v = self._driver_range_attribute(int(attr), ptr, nbytes)
+            if err != 0:
+                raise CudaError("cuMemRangeGetAttribute", err) from None
         return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
 
     # -- streams and events ----------------------------------------------------------------------------

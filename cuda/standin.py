@@ -296,6 +296,17 @@ class StandinRuntime:
 
     def cudaMemRangeGetAttribute(self, size, attribute, ptr, nbytes):
         attribute = cudaMemRangeAttribute(int(attribute))
+        if attribute >= cudaMemRangeAttribute.cudaMemRangeAttributePreferredLocationType:
+            # as cuda-bindings 12.x and 13.x: its wrapper knows only CUDA 11's attributes
+            raise TypeError(f"Unsupported attribute: {attribute.name}")
+        return self._range_attribute(size, attribute, ptr, nbytes)
+
+    def cuMemRangeGetAttribute(self, attribute: int, ptr: int, nbytes: int) -> tuple[int | str, int]:
+        """The driver's call as kvtier.cuda.runtime reaches it through ctypes: (0 or the error's name, value)."""
+        err, v = self._range_attribute(4, cudaMemRangeAttribute(int(attribute)), ptr, nbytes)
+        return (0, v) if err == cudaError_t.cudaSuccess else ("CUDA_ERROR_INVALID_VALUE", 0)
+
+    def _range_attribute(self, size, attribute, ptr, nbytes):
         self._rec("cudaMemRangeGetAttribute", attribute.name[len("cudaMemRangeAttribute"):], ptr, nbytes)
         hit = self._find(ptr, nbytes)
         if hit is None or size != 4:

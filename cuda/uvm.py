@@ -3,8 +3,9 @@
 ManagedArena(runtime, device, nbytes, host_node) takes one cudaMallocManaged allocation (refused when the GPU has
 less free memory than asked for) and moves byte ranges of it:
 
-  to_device(off, n)  cudaMemAdvise SetPreferredLocation(GPU) + SetAccessedBy(GPU), then cudaMemPrefetchAsync to
-                     the GPU on the promotion stream: a hot block, or one of a session about to resume.
+  to_device(off, n)  cudaMemPrefetchAsync to the GPU on the promotion stream, then cudaMemAdvise
+                     SetPreferredLocation(GPU): a hot block, or one of a session about to resume. SetAccessedBy(GPU)
+                     is set once, on the whole arena, when it is allocated.
   to_host(off, n)    SetPreferredLocation(host NUMA node; plain host where the platform has no NUMA-aware
                      managed memory) and a prefetch there on the demotion stream: a demoted block. AccessedBy
                      stays set, so the GPU maps the pages over the link instead of faulting them back.
@@ -58,6 +59,13 @@ class ManagedArena:
             self._release()
             raise
         self.dev_loc = rt.location("device", self.device)
+        try:
+            # once for the whole arena: the GPU keeps every page mapped wherever it lives (set per move, this
+            # advice on host-resident pages cost a third of a promotion's time on an H100)
+            rt.advise(self.ptr, self.nbytes, "SetAccessedBy", self.dev_loc)
+        except BaseException:
+            self._release()
+            raise
         self.host_note = ""
         if host_node is None:
             self.host_loc = rt.location("host")
@@ -95,9 +103,10 @@ class ManagedArena:
 
     def to_device(self, off: int, n: int) -> Move:
         ptr = self._check(off, n)
-        self.rt.advise(ptr, n, "SetPreferredLocation", self.dev_loc)
-        self.rt.advise(ptr, n, "SetAccessedBy", self.dev_loc)
         self.rt.prefetch(ptr, n, self.dev_loc, self.h2d)
+        # after the prefetch: advice on host-resident pages walks them all (measured 0.29-0.39 of pinned memcpy
+        # advice first, 0.88 prefetch first at 1 GiB on an H100)
+        self.rt.advise(ptr, n, "SetPreferredLocation", self.dev_loc)
         return self._record("to_device", off, n, self.h2d)
 
     def to_host(self, off: int, n: int) -> Move:

@@ -99,10 +99,12 @@ def test_promotion_advises_gpu_and_prefetches_on_the_h2d_stream(tier, sim):
     ptr = tier.arena.ptr + b.offset
     span = 2 * PAGE   # whole pages: 5000 bytes round up to two
     assert since(rt, 0, "cudaMemAdvise", "cudaMemPrefetchAsync", "cudaEventRecord") == [
-        ("cudaMemAdvise", ptr, span, "SetPreferredLocation", ("device", 0)),
-        ("cudaMemAdvise", ptr, span, "SetAccessedBy", ("device", 0)),
+        # each promotion: the prefetch first (advice on host-resident pages walks them all), then the advice
         ("cudaMemPrefetchAsync", ptr, span, ("device", 0), tier.arena.h2d),
+        ("cudaMemAdvise", ptr, span, "SetPreferredLocation", ("device", 0)),
         ("cudaEventRecord", since(rt, 0, "cudaEventRecord")[0][1], tier.arena.h2d)]
+    # SetAccessedBy(GPU) was set once, for the whole arena, when it was allocated
+    assert Runtime(rt).range_attribute(tier.arena.ptr, tier.arena.nbytes, "AccessedBy") == 0
     assert tier.location(key(1)) == {"last_prefetch": 0, "preferred": 0, "read_mostly": False,
                                      "last_prefetch_type": 1, "last_prefetch_id": 0}
     assert tier.gpu_stats()["to_device"] == 1 and tier.gpu_stats()["to_device_bytes"] == span
@@ -621,6 +623,23 @@ def test_adapter_calls_fit_the_installed_cuda_bindings():
         with pytest.raises(CudaError) as e:
             call()
         assert e.value.name.startswith("cudaError"), e.value
+    # CUDA 12.2's attributes, which cuda-bindings does not wrap (a TypeError once the driver answered), go to
+    # the driver through ctypes: a CUDA error either way, never a TypeError
+    with pytest.raises(CudaError) as e:
+        rt.range_attribute(PAGE, PAGE, "LastPrefetchLocationType")
+    assert e.value.call in ("cudaMemRangeGetAttribute", "cuMemRangeGetAttribute"), e.value
+
+
+def test_attributes_cuda_bindings_does_not_wrap_are_read_from_the_driver(tier, sim):
+    tier.put(key(1), data(1, PAGE))
+    ptr = tier.arena.ptr + tier.locate(key(1)).offset
+    with pytest.raises(TypeError):   # as cuda-bindings 13.3 answers on an H100
+        sim.runtime.cudaMemRangeGetAttribute(4, standin.cudaMemRangeAttribute(7), ptr, PAGE)
+    assert tier.rt.range_attribute(ptr, PAGE, "LastPrefetchLocationType") == 1   # a device
+    assert tier.rt.range_attribute(ptr, PAGE, "PreferredLocationId") == 0
+    with pytest.raises(CudaError) as e:
+        tier.rt.range_attribute(1, PAGE, "LastPrefetchLocationId")   # not managed memory
+    assert (e.value.call, e.value.name) == ("cuMemRangeGetAttribute", "CUDA_ERROR_INVALID_VALUE")
 
 
 def test_adapter_uses_the_v2_calls_where_cuda_bindings_12_has_them():
@@ -637,6 +656,6 @@ def test_adapter_uses_the_v2_calls_where_cuda_bindings_12_has_them():
     t = GpuTier("gpu0", MIB, runtime=Runtime(rt))
     try:
         t.put(key(1), data(1, PAGE))
-        assert [c[0] for c in rt.calls if c[0].startswith("v2")] == ["v2-advise", "v2-advise", "v2-prefetch"]
+        assert [c[0] for c in rt.calls if c[0].startswith("v2")] == ["v2-advise", "v2-prefetch", "v2-advise"]
     finally:
         t.close()

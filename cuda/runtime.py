@@ -10,6 +10,7 @@ Nothing here imports cuda.bindings at module import: load() does, when asked for
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 STANDIN_ENV = "KVTIER_CUDA_STANDIN"   # "1": GPU tier and discovery use the recording stand-in (tests only)
@@ -46,11 +47,16 @@ def load(standin: bool | None = None) -> "Runtime":
     return Runtime(rt)
 
 
+@functools.cache
+def _libcuda() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
 def _cu_mem_range_get_attribute(attribute: int, ptr: int, nbytes: int) -> tuple[int | str, int]:
     """(error, value) of the driver's cuMemRangeGetAttribute for a 4-byte attribute, through ctypes: error is 0,
     or the CUresult's name."""
     try:
-        lib = ctypes.CDLL("libcuda.so.1")
+        lib = _libcuda()
     except OSError as e:
         return f"libcuda.so.1 not loadable ({e})", 0
     value = ctypes.c_int(0)

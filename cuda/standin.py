@@ -127,8 +127,10 @@ class StandinRuntime:
     cudaDeviceAttr = cudaDeviceAttr
 
     def __init__(self, devices: int = 1, total_bytes: int = 1 << 30, used_elsewhere_bytes: int = 0,
-                 pending_queries: int = 0, managed_access: bool = True):
+                 pending_queries: int = 0, managed_access: bool = True, numa_preference_ignored: bool = False):
         self.devices = devices
+        # as an H100's driver 580.159: SetPreferredLocation(host NUMA node) answers success and changes nothing
+        self.numa_preference_ignored = numa_preference_ignored
         self.total_bytes = total_bytes
         self.used_elsewhere_bytes = used_elsewhere_bytes
         self.pending_queries = pending_queries
@@ -261,6 +263,8 @@ class StandinRuntime:
         kind, ident = describe(loc)
         A = cudaMemoryAdvise
         if advice == A.cudaMemAdviseSetPreferredLocation:
+            if self.numa_preference_ignored and kind == "host_numa":
+                return (cudaError_t.cudaSuccess,)
             m.pref_type[a:b], m.pref_id[a:b] = int(loc.type), ident
         elif advice == A.cudaMemAdviseUnsetPreferredLocation:
             m.pref_type[a:b] = 0

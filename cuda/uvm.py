@@ -7,7 +7,8 @@ less free memory than asked for) and moves byte ranges of it:
                      SetPreferredLocation(GPU): a hot block, or one of a session about to resume. SetAccessedBy(GPU)
                      is set once, on the whole arena, when it is allocated.
   to_host(off, n)    SetPreferredLocation(host NUMA node; plain host where the platform has no NUMA-aware
-                     managed memory) and a prefetch there on the demotion stream: a demoted block. AccessedBy
+                     managed memory or ignores the advice) and a prefetch to the node on the demotion stream: a
+                     demoted block. AccessedBy
                      stays set, so the GPU maps the pages over the link instead of faulting them back.
   read_mostly(off, n, on)  SetReadMostly / UnsetReadMostly: a shared prefix block several sessions read; the
                      driver may keep read-only copies on several processors.
@@ -22,7 +23,7 @@ import errno
 import time
 from collections import deque
 
-from kvtier.cuda.runtime import CudaError, GpuUnavailable, Runtime
+from kvtier.cuda.runtime import CPU_DEVICE_ID, CudaError, GpuUnavailable, Runtime
 
 EVENTS_KEPT = 64   # idle events kept for reuse (creating one is a driver call)
 
@@ -72,6 +73,8 @@ class ManagedArena:
         else:
             self.host_loc = rt.location("host_numa", host_node)
         self.host_node = host_node
+        self.pref_host_loc = self.host_loc   # the preferred location of demoted blocks (see to_host)
+        self._pref_checked = host_node is None
         self._buf = (ctypes.c_char * self.nbytes).from_address(self.ptr)
         self.view = memoryview(self._buf).cast("B")
         self.in_flight: deque[Move] = deque()
@@ -112,16 +115,31 @@ class ManagedArena:
     def to_host(self, off: int, n: int) -> Move:
         ptr = self._check(off, n)
         try:
-            self.rt.advise(ptr, n, "SetPreferredLocation", self.host_loc)
+            self.rt.advise(ptr, n, "SetPreferredLocation", self.pref_host_loc)
         except CudaError as e:
             if self.host_node is None:
                 raise
             # no NUMA-aware managed memory here (driver or platform): the host as a whole
             self.host_note = f"host NUMA node {self.host_node} refused ({e.name}); demoting to the host"
             self.host_node, self.host_loc = None, self.rt.location("host")
+            self.pref_host_loc, self._pref_checked = self.host_loc, True
             self.rt.advise(ptr, n, "SetPreferredLocation", self.host_loc)
+        if not self._pref_checked:
+            self._check_numa_preference(ptr, n)
         self.rt.prefetch(ptr, n, self.host_loc, self.d2h)
         return self._record("to_host", off, n, self.d2h)
+
+    def _check_numa_preference(self, ptr: int, n: int) -> None:
+        """Once: did the host NUMA node preference take? The H100's driver (580.159) answers success and leaves
+        the old preference (the GPU's) in place, while a prefetch to the node works; then demoted blocks prefer
+        the host as a whole and are still prefetched to the node."""
+        self._pref_checked = True
+        if self.rt.range_attribute(ptr, n, "PreferredLocationType") == 3:   # cudaMemLocationTypeHostNuma
+            return
+        self.host_note = (f"host NUMA node {self.host_node}: the driver accepted SetPreferredLocation but did not "
+                          "apply it; demoted blocks prefer the host and are prefetched to the node")
+        self.pref_host_loc = self.rt.location("host")
+        self.rt.advise(ptr, n, "SetPreferredLocation", self.pref_host_loc)
 
     def read_mostly(self, off: int, n: int, on: bool = True) -> None:
         ptr = self._check(off, n)
@@ -173,12 +191,16 @@ class ManagedArena:
     def location(self, off: int, n: int) -> dict:
         """Where the range is: the GPU id, -1 (host) or -2 (mixed/unset), as cudaMemRangeGetAttribute says."""
         ptr = self._check(off, n)
-        return {"last_prefetch": self.rt.range_attribute(ptr, n, "LastPrefetchLocation"),
-                "preferred": self.rt.range_attribute(ptr, n, "PreferredLocation"),
-                "read_mostly": bool(self.rt.range_attribute(ptr, n, "ReadMostly")),
-                # CUDA 12.2+: the cudaMemLocationType (1 device, 2 host, 3 host NUMA node) and its id
-                "last_prefetch_type": self.rt.range_attribute(ptr, n, "LastPrefetchLocationType"),
-                "last_prefetch_id": self.rt.range_attribute(ptr, n, "LastPrefetchLocationId")}
+        attr = self.rt.range_attribute
+        # CUDA 12.2+: the cudaMemLocationType (1 device, 2 host, 3 host NUMA node) and its id. The preferred
+        # location comes from them: the legacy attribute says 0 (GPU 0's id) for host NUMA node 0 on an H100
+        pref_type, pref_id = attr(ptr, n, "PreferredLocationType"), attr(ptr, n, "PreferredLocationId")
+        return {"last_prefetch": attr(ptr, n, "LastPrefetchLocation"),
+                "preferred": pref_id if pref_type == 1 else CPU_DEVICE_ID if pref_type in (2, 3) else -2,
+                "read_mostly": bool(attr(ptr, n, "ReadMostly")),
+                "last_prefetch_type": attr(ptr, n, "LastPrefetchLocationType"),
+                "last_prefetch_id": attr(ptr, n, "LastPrefetchLocationId"),
+                "preferred_type": pref_type, "preferred_id": pref_id}
 
     # -- teardown --------------------------------------------------------------------------------------
     def _release(self) -> None:

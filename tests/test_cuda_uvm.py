@@ -106,7 +106,8 @@ def test_promotion_advises_gpu_and_prefetches_on_the_h2d_stream(tier, sim):
     # SetAccessedBy(GPU) was set once, for the whole arena, when it was allocated
     assert Runtime(rt).range_attribute(tier.arena.ptr, tier.arena.nbytes, "AccessedBy") == 0
     assert tier.location(key(1)) == {"last_prefetch": 0, "preferred": 0, "read_mostly": False,
-                                     "last_prefetch_type": 1, "last_prefetch_id": 0}
+                                     "last_prefetch_type": 1, "last_prefetch_id": 0,
+                                     "preferred_type": 1, "preferred_id": 0}
     assert tier.gpu_stats()["to_device"] == 1 and tier.gpu_stats()["to_device_bytes"] == span
 
 
@@ -125,7 +126,30 @@ def test_demotion_prefers_the_host_node_prefetches_on_d2h_and_waits(tier, sim):
     assert tier.location(key(2))["last_prefetch"] == standin.CPU_DEVICE_ID
     assert tier.location(key(2))["preferred"] == standin.CPU_DEVICE_ID
     assert (tier.location(key(2))["last_prefetch_type"], tier.location(key(2))["last_prefetch_id"]) == (3, 0)
+    assert (tier.location(key(2))["preferred_type"], tier.location(key(2))["preferred_id"]) == (3, 0)
     assert tier.get(key(2)) == data(2, PAGE)
+
+
+def test_a_numa_preference_the_driver_ignores_falls_back_to_the_host(sim):
+    sim.runtime.numa_preference_ignored = True   # what driver 580.159 does on an H100
+    t = GpuTier("gpu0", MIB, device=0, host_node=0, runtime=Runtime(sim.runtime))
+    try:
+        t.put(key(1), data(1, PAGE))
+        t.put(key(2), data(2, PAGE))
+        t.prepare_demote(key(1))
+        loc = t.location(key(1))
+        assert (loc["preferred"], loc["preferred_type"]) == (standin.CPU_DEVICE_ID, 2), loc   # not the GPU's
+        assert (loc["last_prefetch_type"], loc["last_prefetch_id"]) == (3, 0)   # pages still go to the node
+        assert "did not apply" in t.backend_note
+        n = len(sim.runtime.calls)
+        t.prepare_demote(key(2))
+        ptr = t.arena.ptr + t.locate(key(2)).offset
+        assert since(sim.runtime, n, "cudaMemAdvise", "cudaMemPrefetchAsync", "cudaMemRangeGetAttribute")[:2] == [
+            ("cudaMemAdvise", ptr, PAGE, "SetPreferredLocation", ("host", 0)),   # checked once, not per move
+            ("cudaMemPrefetchAsync", ptr, PAGE, ("host_numa", 0), t.arena.d2h)]
+        assert t.get(key(2)) == data(2, PAGE)
+    finally:
+        t.close()
 
 
 def test_shared_prefix_is_read_mostly_until_demoted_or_deleted(tier, sim):

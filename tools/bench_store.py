@@ -3,9 +3,9 @@
 
     .venv/bin/python tools/bench_store.py --dir /var/tmp [--total-mib 256] [--json]
 
-  nvme put / get   NvmeTier (O_DIRECT, checksum, durable before put returns: one log flush) from and
-                   into a page-aligned buffer (as from a memfd arena slot: no bounce copy), on the same
-                   filesystem, 64 KiB .. 64 MiB blocks (target >= 0.9 for large). Baselines, fairly:
+  nvme put / get   NvmeTier (O_DIRECT, checksum, durable before put returns: one device flush on ext4/xfs)
+                   from and into a page-aligned buffer (as from a memfd arena slot: no bounce copy), on the
+                   same filesystem, 64 KiB .. 64 MiB blocks (target >= 0.9 for large). Baselines, fairly:
                      put      vs `dd oflag=direct,dsync` (every block durable before the next, like put)
                      put_many vs `dd oflag=direct conv=fdatasync` (one sync for the lot, like a group commit
                               of all N blocks)

@@ -187,7 +187,9 @@ class Client:
             if a["kind"] == "memfd":
                 fd = next(fd_iter)
                 m = mmap.mmap(fd, a["size"], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-                try:   # where the daemon's pages are 2 MiB (shmem THP), map them so: fewer TLB misses per copy
+                # where the daemon's pages are 2 MiB (shmem THP), map them so: fewer TLB misses per copy (as
+                # kvtier.store.memory.advise_huge, which the client does not import: it needs the store's cffi)
+                try:
                     m.madvise(mmap.MADV_HUGEPAGE)
                 except (AttributeError, OSError):
                     pass

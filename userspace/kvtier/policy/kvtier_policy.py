@@ -153,7 +153,9 @@ class HitDensityPolicy(ClassQueuePolicy):
         else:
             btype = BlockType.INPUT
         transition = self._state_of(req) if TRANSITION_IN_CLASS else 0
-        return (int(btype), int(Transition.CONTINUE) if transition is None else transition, min(self._seen.get(block, 0), 3))
+        if transition is None:   # offered after its request's state was forgotten
+            transition = int(Transition.CONTINUE)
+        return (int(btype), transition, min(self._seen.get(block, 0), 3))
 
     # -- the Policy interface ---------------------------------------------------------------------
     def begin_request(self, req):

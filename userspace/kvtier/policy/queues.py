@@ -131,11 +131,7 @@ class ClassQueuePolicy(Policy):
                 self._drop(victim)
                 out.append(victim)
         else:
-            oq = self._queues[old]
-            was_head = next(iter(oq)) == block
-            del oq[block]
-            if was_head:
-                self._new_head(oq, old)
+            self._unqueue(old, block)
         q = self._queues.get(cls)
         if q is None:
             q = self._queues[cls] = OrderedDict()
@@ -184,13 +180,16 @@ class ClassQueuePolicy(Policy):
             heapq.heappop(heap)   # a head that left, or an entry its age has outgrown (a newer one is queued)
         return None
 
-    def _drop(self, block) -> None:
-        cls = self._where.pop(block)
+    def _unqueue(self, cls, block) -> None:
+        """Take block out of its class queue; if it was the head, the next one is ranked."""
         q = self._queues[cls]
         was_head = next(iter(q)) == block
         del q[block]
         if was_head:
             self._new_head(q, cls)
+
+    def _drop(self, block) -> None:
+        self._unqueue(self._where.pop(block), block)
 
     def remove(self, block):
         if block not in self._where:

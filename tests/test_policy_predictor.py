@@ -1,6 +1,7 @@
 """The default's reuse-predictor expert (kvtier.policy.predictor): it learns online which requests come back."""
 from kvtier.policy.model import Request
 from kvtier.policy.registry import make_policy, policy_names
+from kvtier.policy.predictor import feature_names
 from kvtier.policy.replay import replay_single
 from kvtier.policy.tiers import parse_tiers, replay_tiers
 from kvtier.policy.trace import infer_sessions
@@ -126,7 +127,7 @@ def test_an_offer_after_later_requests_began_uses_its_own_requests_features():
         p.offer(3, a, 2, False)
         p.offer(500, b, 400, False)
         if name == "kvtier-predict":
-            fa, fb = p._ghost[3][0].feats, p._ghost[500][0].feats
+            fa, fb = (feature_names(p._ghost[b][0].feats) for b in (3, 500))
             assert ("size", 2) in fa and ("out", 4) in fa, fa
             assert ("size", 10) in fb and ("out", 12) in fb, fb
         else:

@@ -77,6 +77,37 @@ def _log2b(x: float, cap: int) -> int:
     return min(cap, int(max(0.0, x)).bit_length())
 
 
+# Features are one-hot (name, value) pairs, numbered once here: the model's tables are keyed by small ints, so
+# scoring and training a sample hash ints, not tuples (a tuple's hash is recomputed at every lookup).
+FEATURE_NAMES: list[tuple] = []
+
+
+def _feature_ids(name: str, values) -> dict:
+    out = {}
+    for v in values:
+        out[v] = len(FEATURE_NAMES)
+        FEATURE_NAMES.append((name, *v) if isinstance(v, tuple) else (name, v))
+    return out
+
+
+_BIAS = _feature_ids("bias", [()])[()]
+_TURN = _feature_ids("turn", range(1, 9))
+_SIZE = _feature_ids("size", range(11))
+_OUT = _feature_ids("out", range(15))
+_NEW = _feature_ids("new", range(5))
+_GAP = _feature_ids("gap", range(-1, 15))
+_MGAP = _feature_ids("mgap", range(-1, 15))
+_SEEN = _feature_ids("seen", range(5))
+_ROLE = _feature_ids("role", range(3))
+_SEEN_ROLE = _feature_ids("seen-role", [(sb, r) for sb in range(5) for r in range(3)])
+_BLOCK_FEATURES = {(sb, r): (_SEEN[sb], _ROLE[r], _SEEN_ROLE[sb, r]) for sb in range(5) for r in range(3)}
+
+
+def feature_names(feats) -> list[tuple]:
+    """A sample's features as (name, value...) tuples."""
+    return [FEATURE_NAMES[f] for f in feats]
+
+
 class _Sample:
     """One labelled example: the blocks of one request that share a feature vector."""
 
@@ -192,10 +223,9 @@ class ReusePredictorPolicy(ClassQueuePolicy):
             gap_s = (req.timestamp_ms - s[1]) / 1000.0
             mean_gap_s = s[2]
         new_share = (len(ids) - depth) / len(ids) if ids else 0.0
-        return (("bias",), ("turn", min(turns, 8)), ("size", _log2b(len(ids), 10)),
-                ("out", _log2b(req.output_length, 14)), ("new", round(4 * new_share)),
-                ("gap", -1 if gap_s is None else _log2b(gap_s, 14)),
-                ("mgap", -1 if mean_gap_s is None else _log2b(mean_gap_s, 14)))
+        return (_BIAS, _TURN[min(turns, 8)], _SIZE[_log2b(len(ids), 10)], _OUT[_log2b(req.output_length, 14)],
+                _NEW[round(4 * new_share)], _GAP[-1 if gap_s is None else _log2b(gap_s, 14)],
+                _MGAP[-1 if mean_gap_s is None else _log2b(mean_gap_s, 14)])
 
     def _group(self, req: Request, pos: int):
         """(sample, cohort) for the block at pos: blocks of a request with equal features share both."""
@@ -208,7 +238,7 @@ class ReusePredictorPolicy(ClassQueuePolicy):
             st = (self._request_features(req, len(ids)), {})
         g = st[1].get(key)
         if g is None:
-            feats = st[0] + (("seen", sb), ("role", role), ("seen-role", sb, role))
+            feats = st[0] + _BLOCK_FEATURES[key]
             s = _Sample(feats, self._clock)
             self._pending.append(s)
             pq = min(P_LEVELS - 1, int(self._predict(feats) * P_LEVELS))

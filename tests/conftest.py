@@ -6,6 +6,7 @@ guest test runs only if its marker names that topology (no names: every topology
 guest tests are skipped. tools/test runs `pytest -m "not guest"` on the host, then
 `pytest -m guest` once per topology inside one guest boot each.
 """
+import gc
 import os
 
 import pytest
@@ -116,6 +117,7 @@ def kvtier_module():
             break
         time.sleep(0.05)
     yield KMOD_PATH
+    gc.collect()  # numpy arrays over region mappings (get_views, put_into) left in reference cycles
     allocated = int(pathlib.Path("/sys/kernel/kvtier/allocated_bytes").read_text())
     regions = int(pathlib.Path("/sys/kernel/kvtier/regions").read_text())
     for _ in range(50):  # a just-exited child may still hold its fd for a moment

@@ -6,8 +6,11 @@ Usage: .venv/bin/python tools/bench_put_paths.py [--policy NAME] [--rounds N] [-
 Modes, interleaved round by round on one daemon so that noise hits them alike: `plain` (one spared put after
 the copy, memcpy copies), `staged` (the put sent before the copy, committed after it: client.STAGE_MIN_BYTES),
 `staged+nt` (staged, and copies of client.NT_COPY_MIN_BYTES and more with non-temporal stores: the default).
-Gets: plain copies against non-temporal ones. Each cell is the median over rounds of the best of several ops;
-ratios are memcpy time / op time (1.0: as fast as a copy into one cache-hot buffer).
+Gets: plain copies against non-temporal ones. The zero-copy paths: `put into` (Client.put_into, the caller's copy
+into the daemon's slot included) and `get in place` (Client.get_views: no copy at all, the caller reads the daemon's
+memory; its ratio, memcpy time / its time, is how many times over the copy it saves outweighs its round trip). Each
+cell is the median over rounds of the best of several ops; ratios are memcpy time / op time (1.0: as fast as a
+copy into one cache-hot buffer).
 """
 import argparse
 import json
@@ -71,6 +74,28 @@ def main() -> None:
                                 assert np.array_equal(dst, src)
                                 kv.delete([key])
                                 res.setdefault(f"get {'nt' if mode == 'staged+nt' else 'plain'}", []).append(got)
+                        # zero-copy: the caller fills the daemon's slot itself / reads the block in place
+                        client_mod.STAGE_MIN_BYTES, client_mod.NT_COPY_MIN_BYTES = MODES["staged+nt"]
+                        ts = []
+                        for _ in range(reps):
+                            key += 1
+                            t = time.perf_counter()
+                            with kv.put_into(None, [(key, "input", size)]) as slots:
+                                np.copyto(slots[0], src)
+                            ts.append(time.perf_counter() - t)
+                            kv.delete([key])
+                        res.setdefault("put into", []).append(min(ts))
+                        key += 1
+                        kv.put(None, [(key, "input", src)])
+                        k = key
+
+                        def in_place():
+                            with kv.get_views(None, [k]) as views:
+                                assert views[0] is not None
+                        res.setdefault("get in place", []).append(best(in_place, reps))
+                        with kv.get_views(None, [k]) as views:
+                            assert np.array_equal(views[0], src)
+                        kv.delete([key])
                         res.setdefault("memcpy", []).append(best(lambda: np.copyto(dst, src), reps))
                     med = {k: sorted(v)[len(v) // 2] for k, v in res.items()}
                     rows.append({"block_bytes": size, **{f"{k}_us": v * 1e6 for k, v in med.items()},
@@ -84,12 +109,15 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     from kvtier.cli.common import human_bytes, table
-    cols = ["put plain", "put staged", "put staged+nt", "get plain", "get nt"]
+    cols = ["put plain", "put staged", "put staged+nt", "put into", "get plain", "get nt", "get in place"]
     out = [["block", "memcpy us"] + [f"{c} (ratio)" for c in cols]]
     for r in rows:
         out.append([human_bytes(r["block_bytes"]), f"{r['memcpy_us']:.0f}"]
                    + [f"{r[c + '_us']:.0f} ({r[c + '_ratio']:.2f})" for c in cols])
-    print(f"big-block data paths, policy {args.policy}, median of {args.rounds} rounds (us, memcpy/op):")
+    print(f"big-block data paths, policy {args.policy}, median of {args.rounds} rounds (us, memcpy/op; put into: "
+          f"the caller copies into the daemon's slot itself, put_into; get in place: get_views, the caller reads the "
+          f"daemon's memory with no copy, so its ratio is how many times over the copy it saves outweighs its round "
+          f"trip, not a copy speed):")
     print(table(out))
 
 

@@ -10,11 +10,13 @@
 Block bytes never go through the socket: at hello the daemon passes its arenas (memfd descriptors by SCM_RIGHTS,
 or kvtier.ko regions it granted to this uid), the client maps them, a put writes into slots the daemon reserved
 for it (spare slots the previous put's reply handed out: one round trip; else reserve, write, commit), a get
-copies out of the slots the daemon returns and releases them (a release needs no reply). Not thread-safe:
+copies out of the slots the daemon returns and releases them (a release needs no reply). put_into and get_views
+leave that copy to the caller, who writes into / reads from the daemon's memory itself. Not thread-safe:
 use one Client per thread. The wire protocol is documented in kvtier.daemon.protocol.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 from collections import Counter
 import mmap
@@ -90,6 +92,11 @@ def _layout(layout, data, nbytes: int):
     if need != nbytes:
         raise InputError(f"layout: {tuple(layout)!r} describes {need} bytes, the block has {nbytes}")
     return list(layout)
+
+
+class _Slots(list):
+    """put_into's slots; `stored` (blocks that were new) is set when its with-block ends."""
+    stored = 0
 
 
 class Client:
@@ -239,7 +246,7 @@ class Client:
                 try:
                     m.close()
                 except BufferError:
-                    pass   # an array returned by get(copy=False) still points into it
+                    pass   # an array from get_views/put_into still points into it: mapped until it goes
         self._views, self._maps = [], []
         if self._dev is not None:
             self._dev.close()
@@ -298,33 +305,21 @@ class Client:
         return stored + self._put(session, items, views, durable, wait) if items else stored
 
     def _put(self, session, items, views, durable, wait=True) -> int:
-        fields = {"session": session, "blocks": items, "durable": durable}
-        if self.hello.get("spare_slots", False):
-            return self._put_spared(fields, items, views, wait)
-        return self._reserve_copy_commit(fields, views, wait)
+        state, dests = self._put_begin({"session": session, "blocks": items, "durable": durable}, items, wait)
+        try:
+            for dst, mv in zip(dests, views):
+                if dst is not None:
+                    copy_block(dst, mv)
+        except BaseException:
+            self._put_abort(state)
+            raise
+        return self._put_end(state, wait)
 
     def _send_nowait(self, op: str, **fields) -> None:
         """Send without reading the reply: pipelined puts; _collect_commits() reads the replies later."""
         self._id += 1
         protocol.send(self.sock, {**fields, "op": op, "id": self._id})
         self._unacked += 1
-
-    def _reserve_copy_commit(self, fields, views, wait) -> int:
-        """Two round trips: the daemon reserves slots, the client copies into them, then commits."""
-        reply = self._call("put", **fields)
-        if not reply.get("txn"):
-            return 0
-        try:
-            for slot, mv in zip(reply["slots"], views):
-                if slot is not None:
-                    copy_block(self._view(slot[0], slot[1], slot[2]), mv)
-        except BaseException:
-            self._call("abort", txn=reply["txn"])
-            raise
-        if not wait:
-            self._send_nowait("commit", txn=reply["txn"])
-            return 0
-        return self._call("commit", txn=reply["txn"])["stored"]
 
     def _want(self, need: Counter, per_block: int = 1) -> tuple[list, list]:
         """Spare sizes to ask for (per_block per block of this put, less what is still held) and spares to give
@@ -338,46 +333,135 @@ class Client:
             want += [n] * max(0, k * per_block - len(self._spares.get(n, ())))
         return want, drop
 
-    def _put_spared(self, fields, items, views, wait) -> int:
-        """One round trip when spare slots of the right sizes are held: copy into them, send one put naming
-        them; its reply hands out spares for the next put. Else reserve + commit, asking for spares."""
-        pool = self._spares
-        need = Counter(it[2] for it in items)
-        if self._unacked and not all(len(pool.get(n, ())) >= k for n, k in need.items()):
-            self._collect_commits()   # the spares of pipelined puts come with their replies
-        spared = all(len(pool.get(n, ())) >= k for n, k in need.items())
-        used = [pool[it[2]].pop() for it in items] if spared else []
-        # pipelined (wait=False): this reply is read after the next put is sent, so hold two sets of spares
-        want, drop = self._want(need, 1 if wait else 2)
-        fields = {**fields, "want": want}
-        if drop:
-            fields["drop"] = drop
-        if not spared:
-            return self._reserve_copy_commit(fields, views, wait)
-        fields["spared"] = True
-        for it, sp in zip(items, used):
-            it[:] = [it[0], it[1], it[2], it[3], it[4] if len(it) == 5 else None, sp[:3]]
-        # Big puts are staged: the put goes out before the copy (no reply), so the daemon checks and books
-        # it while the bytes are copied, and the commit after the copy only makes the blocks visible.
-        staged = sum(it[2] for it in items) >= STAGE_MIN_BYTES
-        if staged:
-            self._id += 1
-            protocol.send(self.sock, {**fields, "op": "put", "stage": True})
+    def _put_begin(self, fields, items, wait) -> tuple[tuple, list]:
+        """Where a put's blocks go: (state for _put_end/_put_abort, a writable view per block, None where the
+        daemon already holds the block). With spare slots of the right sizes held, the views are those spares
+        (one round trip in all: _put_end's put names them; its reply hands out spares for the next put). Else
+        the daemon reserves slots now (a round trip) and _put_end commits them, asking for spares.
+        Big puts are staged: the put naming the spares goes out now, before the caller fills them (no reply),
+        so the daemon checks and books it meanwhile, and the commit in _put_end only makes the blocks visible."""
+        if self.hello.get("spare_slots", False):
+            pool = self._spares
+            need = Counter(it[2] for it in items)
+            if self._unacked and not all(len(pool.get(n, ())) >= k for n, k in need.items()):
+                self._collect_commits()   # the spares of pipelined puts come with their replies
+            spared = all(len(pool.get(n, ())) >= k for n, k in need.items())
+            used = [pool[it[2]].pop() for it in items] if spared else []
+            # pipelined (wait=False): this reply is read after the next put is sent, so hold two sets of spares
+            want, drop = self._want(need, 1 if wait else 2)
+            fields = {**fields, "want": want}
+            if drop:
+                fields["drop"] = drop
+            if spared:
+                fields["spared"] = True
+                for it, sp in zip(items, used):
+                    it[:] = [it[0], it[1], it[2], it[3], it[4] if len(it) == 5 else None, sp[:3]]
+                staged = sum(it[2] for it in items) >= STAGE_MIN_BYTES
+                if staged:
+                    self._id += 1
+                    protocol.send(self.sock, {**fields, "op": "put", "stage": True})
+                try:
+                    dests = [self._view(sp[1], sp[2], sp[3]) for sp in used]
+                except BaseException:
+                    self._put_abort(("spared", used, staged, fields))
+                    raise
+                return ("spared", used, staged, fields), dests
+        reply = self._call("put", **fields)
+        txn = reply.get("txn")
+        if not txn:
+            return ("done", reply.get("stored", 0)), [None] * len(items)
         try:
-            for sp, mv in zip(used, views):
-                copy_block(self._view(sp[1], sp[2], sp[3]), mv)
+            dests = [None if slot is None else self._view(slot[0], slot[1], slot[2]) for slot in reply["slots"]]
         except BaseException:
-            if staged:   # the daemon frees the staged slots and the spares the put named
-                self._call("abort", staged=True)
-            else:
-                for sp in used:
-                    pool[sp[3]].append(sp)
+            self._put_abort(("reserved", txn))
             raise
-        op, fields = ("commit", {"staged": True}) if staged else ("put", fields)
+        return ("reserved", txn), dests
+
+    def _put_end(self, state, wait) -> int:
+        """Make the filled blocks visible: how many were new (0 when wait=False: see put)."""
+        if state[0] == "done":
+            return state[1]
+        if state[0] == "reserved":
+            op, fields = "commit", {"txn": state[1]}
+        elif state[2]:   # staged
+            op, fields = "commit", {"staged": True}
+        else:
+            op, fields = "put", state[3]
         if not wait:
             self._send_nowait(op, **fields)
             return 0
         return self._call(op, **fields)["stored"]   # a refused put: the daemon frees the spares it named
+
+    def _put_abort(self, state) -> None:
+        """The caller did not fill the slots: nothing of the put is stored."""
+        if state[0] == "reserved":
+            self._call("abort", txn=state[1])
+        elif state[0] == "spared":
+            _, used, staged, _ = state
+            if staged:   # the daemon frees the staged slots and the spares the put named
+                self._call("abort", staged=True)
+            else:
+                for sp in used:
+                    self._spares[sp[3]].append(sp)
+
+    @contextlib.contextmanager
+    def put_into(self, session: int | None, blocks, durable: bool = False, dtype=None, shape=None):
+        """Zero-copy put: the caller writes the blocks straight into the daemon's memory (a D2H copy into it,
+        say), and they are stored when the with-block ends; if it raises, nothing is stored.
+
+            with kv.put_into(sid, [(prefix_hash, "history", nbytes), ...]) as slots:
+                for dst, src in zip(slots, blocks):
+                    if dst is not None:   # None: this tenant already has the block (nothing to write)
+                        dst[...] = src
+            slots.stored   # how many were new
+
+        Each slot is a writable numpy array over the daemon's memory: uint8 of nbytes, or dtype/shape when
+        given (then get() returns the blocks with that dtype and shape). A slot is valid inside the with-block
+        only (it is read-only after it). A block the daemon finds already stored only at the end is deduplicated
+        then (its bytes are discarded), as with put(). At most one put batch per call (the client's PUT_BATCH
+        blocks and the daemon's put_batch_bytes): the slots are reserved in memory tiers all at once."""
+        items = []
+        for item in blocks:
+            if not isinstance(item, (list, tuple)) or len(item) != 3:
+                raise InputError(f"put_into: a block is (prefix_hash, block_type, nbytes), got {item!r}")
+            h, btype, nbytes = item
+            if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+                raise InputError(f"put_into: nbytes must be a non-negative int, got {nbytes!r}")
+            items.append([h, btype, nbytes, None])
+        if dtype is not None or shape is not None:   # the meta put() records for a numpy array
+            dt = np.dtype(dtype if dtype is not None else np.uint8)
+            for it in items:
+                dims = [it[2] // dt.itemsize] if shape is None else [int(x) for x in shape]
+                if int(np.prod(dims)) * dt.itemsize != it[2]:
+                    raise InputError(f"put_into: {it[2]} bytes do not hold a {dt.name} array of shape "
+                                     f"{tuple(dims) if shape is not None else '(n,)'}")
+                it[3] = [dt.str, dims]
+        batch = self.hello.get("put_batch_bytes") or (1 << 62)
+        if len(items) > PUT_BATCH or sum(it[2] for it in items) > batch:
+            raise InputError(f"put_into: at most {PUT_BATCH} blocks and {batch} bytes per call (the slots are "
+                             f"reserved in memory tiers at once), got {len(items)} blocks of "
+                             f"{sum(it[2] for it in items)} bytes")
+        slots = _Slots()
+        if not items:
+            yield slots
+            return
+        state, dests = self._put_begin({"session": session, "blocks": items, "durable": durable}, items, True)
+        for it, dst in zip(items, dests):
+            if dst is None:
+                slots.append(None)
+                continue
+            a = np.frombuffer(dst, dtype=np.uint8)
+            slots.append(a.view(np.dtype(it[3][0])).reshape(it[3][1]) if it[3] else a)
+        try:
+            yield slots
+        except BaseException:
+            self._put_abort(state)
+            raise
+        finally:
+            for a in slots:   # a write through a kept slot would change a stored block behind the daemon's back
+                if a is not None:
+                    a.flags.writeable = False
+        slots.stored = self._put_end(state, True)
 
     def get(self, session: int | None, hashes, out=None):
         """Blocks by prefix hash: a numpy array per hit (dtype/shape as put; uint8 for bytes), None per miss.
@@ -396,28 +480,59 @@ class Client:
         reply = self._call("get", session=session, blocks=hashes)
         result = []
         try:
-            for i, slot in enumerate(reply["slots"]):
-                if slot is None:
+            for i, (src, meta) in enumerate(self._served(reply)):
+                if src is None:
                     result.append(None)
-                    continue
-                src = self._view(slot[0], slot[1], slot[2])
-                if out is not None:
-                    dst = memoryview(out[i]).cast("B")
-                    copy_block(dst[:slot[2]], src)
+                elif out is not None:
+                    copy_block(memoryview(out[i]).cast("B")[:src.nbytes], src)
                     result.append(out[i])
-                    continue
-                meta = slot[3]
-                a = np.empty(slot[2], dtype=np.uint8)
-                copy_block(memoryview(a), src)
-                if meta:
-                    a = a.view(np.dtype(meta[0])).reshape(meta[1])
-                result.append(a)
+                else:
+                    a = np.empty(src.nbytes, dtype=np.uint8)
+                    copy_block(memoryview(a), src)
+                    result.append(a.view(np.dtype(meta[0])).reshape(meta[1]) if meta else a)
         finally:
-            if reply.get("lease"):
-                self._id += 1
-                protocol.send(self.sock, {"op": "release", "lease": reply["lease"]})   # no reply
-        self.last_served = reply.get("tiers")
+            self._release(reply)
         return result
+
+    def _served(self, reply):
+        """(view of the daemon's memory, meta) per block a get asked for; (None, None) for a miss."""
+        self.last_served = reply.get("tiers")
+        for slot in reply["slots"]:
+            yield (None, None) if slot is None else (self._view(slot[0], slot[1], slot[2]), slot[3])
+
+    def _release(self, reply) -> None:
+        if reply.get("lease"):
+            self._id += 1
+            protocol.send(self.sock, {"op": "release", "lease": reply["lease"]})   # no reply
+
+    @contextlib.contextmanager
+    def get_views(self, session: int | None, hashes):
+        """Zero-copy get: a read-only numpy array over the daemon's memory per hit (dtype/shape as put; uint8
+        for bytes), None per miss, valid inside the with-block only. The blocks are held where they are (not
+        moved, evicted or deleted: a delete gets EBUSY) until it ends, so the caller can copy them to where it
+        needs them (an H2D copy, say) without a copy into its own memory first.
+
+            with kv.get_views(sid, [prefix_hash, ...]) as arrays:
+                for a in arrays: ...
+
+        At most the daemon's get batch (hello's get_batch_blocks) per call: held blocks stay in memory tiers."""
+        hashes = list(hashes)
+        n = min(self.hello.get("get_batch_blocks") or LOOKUP_BATCH, LOOKUP_BATCH)
+        if len(hashes) > n:
+            raise InputError(f"get_views: at most {n} blocks per call (they are held in memory tiers), "
+                             f"got {len(hashes)}")
+        reply = self._call("get", session=session, blocks=hashes)
+        try:
+            arrays = []
+            for src, meta in self._served(reply):
+                if src is None:
+                    arrays.append(None)
+                    continue
+                a = np.frombuffer(src.toreadonly(), dtype=np.uint8)
+                arrays.append(a.view(np.dtype(meta[0])).reshape(meta[1]) if meta else a)
+            yield arrays
+        finally:
+            self._release(reply)
 
     def contains(self, hashes) -> list[str | None]:
         """The tier holding each block (None: not stored for this tenant)."""

@@ -53,19 +53,31 @@ class KvtierConnector:
         return hit * self.block_tokens
 
     def load_kv(self, request_id: str, tokens: list[int], gpu_blocks: list[np.ndarray]) -> int:
-        """Copy the stored prefix blocks into the engine's (pinned host staging) buffers; returns blocks loaded."""
+        """Copy the stored prefix blocks into the engine's buffers; returns blocks loaded. get_views lends the
+        daemon's memory itself: a real connector copies host-to-device from it (no staging copy first)."""
         hashes = chained_hashes(tokens, self.block_tokens)[:len(gpu_blocks)]
-        got = self.kv.get(self._session(request_id), hashes, out=gpu_blocks)
-        return next((i for i, g in enumerate(got) if g is None), len(got))
+        with self.kv.get_views(self._session(request_id), hashes) as views:
+            loaded = next((i for i, v in enumerate(views) if v is None), len(views))
+            for dst, src in zip(gpu_blocks[:loaded], views):
+                dst[...] = src   # stands for the H2D copy into the engine's KV pages
+        return loaded
 
     def save_kv(self, request_id: str, tokens: list[int], blocks: list[np.ndarray]) -> int:
-        """After prefill: store the request's full blocks (a shared prefix is stored once)."""
-        hashes = chained_hashes(tokens, self.block_tokens)
+        """After prefill: store the request's full blocks (a shared prefix is stored once). put_into hands out the
+        daemon's slots: a real connector copies device-to-host into them (no staging copy first)."""
+        hashes = chained_hashes(tokens, self.block_tokens)[:len(blocks)]
         sid = self._session(request_id)
+        if not hashes:
+            return 0
         types = ["prefix"] + ["history"] * (len(hashes) - 1)
-        stored = self.kv.put(sid, list(zip(hashes, types, blocks[:len(hashes)])))
+        first = blocks[0]
+        with self.kv.put_into(sid, [(h, t, first.nbytes) for h, t in zip(hashes, types)], dtype=first.dtype,
+                              shape=first.shape) as slots:
+            for dst, src in zip(slots, blocks):
+                if dst is not None:   # None: already stored (a shared prefix)
+                    dst[...] = src    # stands for the D2H copy out of the engine's KV pages
         self.kv.hint(sid, "decoding")   # its blocks stay in DRAM while it generates
-        return stored
+        return slots.stored
 
     def request_finished(self, request_id: str) -> None:
         self.kv.hint(self._session(request_id), "idle")   # may resume: kept, demoted rather than dropped

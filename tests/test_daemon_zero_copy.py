@@ -1,0 +1,154 @@
+"""Zero-copy put and get: the caller writes blocks straight into the daemon's memory (put_into) and reads them in
+place (get_views), against a real daemon."""
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from daemon_proc import running_daemon, short_dir, write_config
+from kvtier.client import STAGE_MIN_BYTES, Client, DaemonError
+from kvtier.errors import InputError
+
+BLOCK = 16 << 10
+
+
+# On the host (memfd arenas) and in the tiered guest with kvtier.ko loaded, where the views are of module regions.
+BACKENDS = [pytest.param("memfd", id="memfd"), pytest.param("kmod", id="kmod", marks=pytest.mark.guest("tiered"))]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def daemon(request):
+    d_dir = short_dir()
+    if request.param == "kmod":
+        request.getfixturevalue("kvtier_module")
+        cfg = write_config(d_dir, dram="32MiB", cxl="16MiB", backend="kmod", cxl_node=1)
+    else:
+        cfg = write_config(d_dir, dram="32MiB", cxl="16MiB")
+    with running_daemon(d_dir, cfg) as d:
+        if request.param == "kmod":
+            assert [t["backend"] for t in d.stats()["tiers"][:2]] == ["kmod", "kmod"]
+        yield d
+
+
+def _fill(slots, blocks):
+    for dst, src in zip(slots, blocks):
+        if dst is not None:
+            dst[...] = src
+
+
+@pytest.mark.parametrize("nbytes", [BLOCK, STAGE_MIN_BYTES])   # spare or reserved slots; staged at 1 MiB
+def test_put_into_then_get_views_round_trip(daemon, nbytes):
+    rng = np.random.default_rng(nbytes)
+    blocks = [rng.integers(0, 255, nbytes, dtype=np.uint8) for _ in range(3)]
+    base = 1000 + nbytes
+    with Client(daemon.socket, "zc-a") as kv:
+        for round_ in range(2):   # the first put reserves (and asks for spares), the second fills spares
+            keys = [base + 10 * round_ + i for i in range(3)]
+            with kv.put_into(None, [(k, "input", nbytes) for k in keys]) as slots:
+                assert len(slots) == 3 and all(s.flags.writeable and s.nbytes == nbytes for s in slots)
+                _fill(slots, blocks)
+            assert slots.stored == 3
+            assert not any(s.flags.writeable for s in slots)   # a kept slot cannot change the stored block
+            with kv.get_views(None, keys + [base + 999]) as got:
+                assert got[-1] is None
+                assert all(np.array_equal(g, b) for g, b in zip(got, blocks))
+                assert not any(g.flags.writeable for g in got[:3])
+                with pytest.raises(ValueError):
+                    got[0][0] = 1   # the daemon's memory is read-only through a view
+            assert all(np.array_equal(g, b) for g, b in zip(kv.get(None, keys), blocks))   # and through get()
+
+
+def test_put_into_typed_slots_come_back_typed(daemon):
+    kv_block = np.random.default_rng(5).standard_normal((2, 16, 4, 8)).astype(np.float16)
+    with Client(daemon.socket, "zc-b") as kv:
+        with kv.put_into(None, [(7, "history", kv_block.nbytes)], dtype=np.float16, shape=kv_block.shape) as slots:
+            assert slots[0].dtype == np.float16 and slots[0].shape == kv_block.shape
+            slots[0][...] = kv_block
+        assert slots.stored == 1
+        got = kv.get(None, [7])[0]
+        assert got.dtype == np.float16 and got.shape == kv_block.shape and np.array_equal(got, kv_block)
+        with kv.get_views(None, [7]) as views:
+            assert views[0].dtype == np.float16 and np.array_equal(views[0], kv_block)
+        # dtype alone: a flat array of that dtype per block
+        with kv.put_into(None, [(8, "history", 64)], dtype="float32") as slots:
+            assert slots[0].shape == (16,)
+            slots[0][:] = np.arange(16)
+        assert np.array_equal(kv.get(None, [8])[0], np.arange(16, dtype=np.float32))
+
+
+def test_put_into_that_raises_stores_nothing_and_leaks_no_slot(daemon):
+    used0 = [t.get("used_bytes") for t in daemon.stats()["tiers"]]
+    with Client(daemon.socket, "zc-c") as kv:
+        for nbytes in (BLOCK, STAGE_MIN_BYTES):
+            for attempt in range(3):   # reserved slots, then spares (staged at 1 MiB)
+                with pytest.raises(RuntimeError, match="engine failed"):
+                    with kv.put_into(None, [(50 + attempt, "input", nbytes)]) as slots:
+                        slots[0][:10] = 1
+                        raise RuntimeError("engine failed mid-copy")
+                assert kv.contains([50 + attempt]) == [None]
+        with kv.put_into(None, [(60, "input", BLOCK)]) as slots:   # the connection still works
+            slots[0][:] = 7
+        assert slots.stored == 1 and int(kv.get(None, [60])[0].sum()) == 7 * BLOCK
+        assert kv.delete([60]) == 1
+    # every aborted slot went back, and the connection's spares went with it
+    assert [t.get("used_bytes") for t in daemon.stats()["tiers"]] == used0
+
+
+def test_put_into_dedups_and_refuses_bad_input(daemon):
+    data = np.full(BLOCK, 3, dtype=np.uint8)
+    with Client(daemon.socket, "zc-d") as kv:
+        assert kv.put(None, [(70, "input", data)]) == 1
+        kv._spares.clear()   # no spares: the daemon reserves, and says at once that 70 is stored
+        with kv.put_into(None, [(70, "input", BLOCK), (71, "input", BLOCK)]) as slots:
+            assert slots[0] is None and slots[1] is not None
+            _fill(slots, [data, data])
+        assert slots.stored == 1
+        with kv.put_into(None, [(71, "input", BLOCK)]) as slots:   # through a spare: found at the end
+            slots[0][:] = 9
+        assert slots.stored == 0 and np.array_equal(kv.get(None, [71])[0], data)   # the first copy stays
+        for bad in ([(72, "input")], [(72, "input", -1)], [(72, "input", 1.5)], ["x"]):
+            with pytest.raises(InputError, match="put_into"):
+                with kv.put_into(None, bad):
+                    pass
+        with pytest.raises(InputError, match="do not hold"):
+            with kv.put_into(None, [(73, "input", 10)], dtype=np.float32):
+                pass
+        with pytest.raises(InputError, match="at most"):
+            with kv.put_into(None, [(80 + i, "input", 16) for i in range(5000)]):
+                pass
+        with pytest.raises(InputError, match="at most"):
+            with kv.get_views(None, range(100_000)):
+                pass
+        with pytest.raises(DaemonError) as e:   # a bad block type: the daemon refuses it, nothing is left
+            with kv.put_into(None, [(74, "nonsense", BLOCK)]) as slots:
+                pass
+        assert e.value.errno == errno.EINVAL and kv.contains([74]) == [None]
+
+
+def test_get_views_hold_blocks_until_the_block_ends(daemon):
+    data = np.arange(BLOCK, dtype=np.uint8)
+    with Client(daemon.socket, "zc-e") as kv:
+        assert kv.put(None, [(90, "input", data)]) == 1
+        with kv.get_views(None, [90]) as views:
+            with pytest.raises(DaemonError) as e:
+                kv.delete([90])   # held while the caller reads it in place
+            assert e.value.errno == errno.EBUSY
+            assert np.array_equal(views[0], data)
+        assert kv.delete([90]) == 1   # released when the with-block ended
+        with pytest.raises(KeyError):
+            with kv.get_views(None, [90]) as views:
+                assert views == [None]
+                raise KeyError("the caller's own error")
+        assert kv.put(None, [(90, "input", data)]) == 1 and kv.delete([90]) == 1   # nothing left held
+
+
+def test_engine_connector_example_runs_against_the_daemon(daemon):
+    """The example an engine developer starts from: save after prefill, load on the next turn, both zero-copy."""
+    out = subprocess.run([sys.executable, "-m", "kvtier.examples.engine_connector", "--socket", str(daemon.socket)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "turn 1: stored blocks 6" in out.stdout and "96 tokens cached, 6 blocks loaded and verified" in out.stdout

@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from kvtier.client import admin_call
 
 KVTIERD = str(Path(sys.executable).parent / "kvtierd")
@@ -47,6 +49,19 @@ directory = "{d}/state/nvme"
 capacity = "{nvme}"
 """)
     return cfg
+
+
+# Daemon tests that run twice: on the host (memfd tiers) and in the tiered guest with kvtier.ko loaded, where the
+# memory tiers are module regions and the CXL tier sits on node 1, the guest's lower-tier node.
+BACKENDS = [pytest.param("memfd", id="memfd"), pytest.param("kmod", id="kmod", marks=pytest.mark.guest("tiered"))]
+
+
+def backend_config(request, d: Path, **kw) -> Path:
+    """write_config for the backend of a fixture parametrised with BACKENDS (for kmod: kvtier.ko loaded)."""
+    if request.param == "kmod":
+        request.getfixturevalue("kvtier_module")
+        return write_config(d, backend="kmod", cxl_node=1, **kw)
+    return write_config(d, **kw)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from daemon_proc import KVTIERD, Daemon, block_bytes, running_daemon, short_dir, wait_for, write_config
+from daemon_proc import (BACKENDS, KVTIERD, Daemon, backend_config, block_bytes, running_daemon, short_dir,
+                         wait_for, write_config)
 from kvtier.client import Client, DaemonError, admin_call
 
 BLOCK = 16 << 10
@@ -34,21 +35,11 @@ def daemon(daemon_dir):
     assert d.stop() == 0, d.log.read_text()[-2000:]
 
 
-# The core tests run twice: on the host (memfd tiers) and in the tiered guest with kvtier.ko loaded, where the
-# memory tiers are module regions and the CXL tier sits on node 1, the guest's lower-tier node.
-BACKENDS = [pytest.param("memfd", id="memfd"), pytest.param("kmod", id="kmod", marks=pytest.mark.guest("tiered"))]
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
 def core_daemon(request):
     """One daemon for the core tests (they use distinct tenants and hashes): a start takes ~10 s under TCG."""
     d_dir = short_dir()
-    if request.param == "kmod":
-        request.getfixturevalue("kvtier_module")
-        cfg = write_config(d_dir, backend="kmod", cxl_node=1)
-    else:
-        cfg = write_config(d_dir)
-    with running_daemon(d_dir, cfg) as d:
+    with running_daemon(d_dir, backend_config(request, d_dir)) as d:
         if request.param == "kmod":
             assert [t["backend"] for t in d.stats()["tiers"][:2]] == ["kmod", "kmod"]
             with Client(d.socket, "probe") as kv:   # clients map module regions the daemon granted them

@@ -9,26 +9,18 @@ import sys
 import numpy as np
 import pytest
 
-from daemon_proc import running_daemon, short_dir, write_config
+from daemon_proc import BACKENDS, backend_config, running_daemon, short_dir
 from kvtier.client import STAGE_MIN_BYTES, Client, DaemonError
 from kvtier.errors import InputError
 
 BLOCK = 16 << 10
 
 
-# On the host (memfd arenas) and in the tiered guest with kvtier.ko loaded, where the views are of module regions.
-BACKENDS = [pytest.param("memfd", id="memfd"), pytest.param("kmod", id="kmod", marks=pytest.mark.guest("tiered"))]
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
 def daemon(request):
+    """On the host (memfd arenas) and in the tiered guest with kvtier.ko loaded (views of module regions)."""
     d_dir = short_dir()
-    if request.param == "kmod":
-        request.getfixturevalue("kvtier_module")
-        cfg = write_config(d_dir, dram="32MiB", cxl="16MiB", backend="kmod", cxl_node=1)
-    else:
-        cfg = write_config(d_dir, dram="32MiB", cxl="16MiB")
-    with running_daemon(d_dir, cfg) as d:
+    with running_daemon(d_dir, backend_config(request, d_dir, dram="32MiB", cxl="16MiB")) as d:
         if request.param == "kmod":
             assert [t["backend"] for t in d.stats()["tiers"][:2]] == ["kmod", "kmod"]
         yield d

@@ -58,6 +58,20 @@ def test_put_into_then_get_views_round_trip(daemon, nbytes):
             assert all(np.array_equal(g, b) for g, b in zip(kv.get(None, keys), blocks))   # and through get()
 
 
+def test_durable_put_into_is_on_nvme_when_the_block_ends(daemon):
+    def nvme_blocks():
+        return [t for t in daemon.stats()["tiers"] if t["kind"] == "nvme"][0]["blocks"]
+    data = np.arange(BLOCK, dtype=np.uint8)
+    before = nvme_blocks()
+    with Client(daemon.socket, "zc-f") as kv:
+        with kv.put_into(None, [(40, "input", BLOCK)], durable=True) as slots:
+            slots[0][...] = data
+        assert slots.stored == 1
+    assert nvme_blocks() == before + 1   # written through to NVMe before the with-block ended
+    with Client(daemon.socket, "zc-f") as kv:
+        assert np.array_equal(kv.get(None, [40])[0], data) and kv.delete([40]) == 1
+
+
 def test_put_into_typed_slots_come_back_typed(daemon):
     kv_block = np.random.default_rng(5).standard_normal((2, 16, 4, 8)).astype(np.float16)
     with Client(daemon.socket, "zc-b") as kv:

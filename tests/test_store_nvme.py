@@ -164,6 +164,24 @@ def test_torn_index_tail_ignored(store_dir):
     t.close()
 
 
+def test_log_of_a_newer_format_is_refused_untouched(store_dir):
+    """A downgrade: records of a format this version does not know are not torn records to cut off (that would
+    drop every block they index); the tier refuses to open and leaves the files as they were."""
+    t = NvmeTier("nvme0", store_dir, 8 << 20)
+    for i in range(3):
+        t.put(key(i), bytes([i]) * 10_000)
+    t.close()
+    log = os.path.join(store_dir, LOG_FILE)
+    with open(log, "r+b") as f:   # the last record as a newer kvtier would write it
+        f.seek(2 * REC_BYTES)
+        f.write(b"KVI3" + os.urandom(REC_BYTES - 4))
+    before = {n: open(os.path.join(store_dir, n), "rb").read() for n in (LOG_FILE, DATA_FILE)}
+    with pytest.raises(OSError) as e:
+        NvmeTier("nvme0", store_dir, 8 << 20)
+    assert e.value.errno == errno.EPROTONOSUPPORT and "KVI3" in str(e.value) and "newer kvtier" in str(e.value)
+    assert {n: open(os.path.join(store_dir, n), "rb").read() for n in (LOG_FILE, DATA_FILE)} == before
+
+
 def test_record_pointing_outside_the_file_dropped(store_dir):
     t = NvmeTier("nvme0", store_dir, 8 << 20)
     t.put(key(1), b"x" * 10_000)

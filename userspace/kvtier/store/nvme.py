@@ -303,6 +303,12 @@ class NvmeTier(Tier):
                 break
             rec = _unpack(chunk)
             if rec is None:
+                if chunk[:3] == _MAGIC[:3] and _MAGIC[3] < chunk[3] <= ord("9"):
+                    # a newer kvtier's record, not a torn one of ours: cutting the log there would lose its blocks
+                    raise OSError(errno.EPROTONOSUPPORT,
+                                  f"tier {self.name}: {os.path.join(self.directory, LOG_FILE)} holds records of "
+                                  f"format {chunk[:4].decode()}, written by a newer kvtier (this one reads "
+                                  f"{_MAGIC1.decode()} and {_MAGIC.decode()}); not opened, nothing changed")
                 torn += 1
                 continue
             good_end = pos + REC_BYTES

@@ -3,7 +3,8 @@
   1. put/get of one block through the API (client library, zero-copy: the client writes into / copies out of the
      daemon's memfd arena) for 64 KiB..64 MiB blocks, vs a numpy copy of the same bytes between two buffers.
      put = reserve + client write + commit (O(1): the memory tier checksums lazily, when a block leaves it);
-     get = lookup + client copy + release.
+     get = lookup + client copy + release; in place = get_views: lookup + release, the caller reads the
+     daemon's memory itself (no copy: the time an engine pays before its own H2D copy out of that memory).
   2. per-op overhead for small (64-byte) blocks: one block per call, and per block in batches of 256, each
      marked against the 20 µs target.
   3. NVMe spill (put durable=True: written through with O_DIRECT straight from the arena slot, durable before
@@ -155,6 +156,11 @@ def bench_throughput(sock: str, max_mib: int, settle_s: float = 0.0) -> list[dic
             out = [dst]
             get_s = best(lambda: kv.get(None, [k], out=out), repeat)
             assert np.array_equal(dst, src)
+
+            def in_place():   # zero-copy: the caller reads the daemon's memory, no copy
+                with kv.get_views(None, [k]) as views:
+                    assert views[0] is not None
+            in_place_s = best(in_place, repeat)
             kv.delete([k])
             put_s = min(put_ts)
             rows.append({"block_bytes": size, "memcpy_gbps": size / memcpy_s / 1e9, "put_gbps": size / put_s / 1e9,
@@ -162,6 +168,7 @@ def bench_throughput(sock: str, max_mib: int, settle_s: float = 0.0) -> list[dic
                          "memcpy_stream_gbps": size / memcpy_stream_s / 1e9,
                          "get_gbps": size / get_s / 1e9, "put_ratio": memcpy_s / put_s, "get_ratio": memcpy_s / get_s,
                          "put_us": put_s * 1e6, "get_us": get_s * 1e6, "memcpy_us": memcpy_s * 1e6,
+                         "get_in_place_us": in_place_s * 1e6, "get_in_place_ratio": memcpy_s / in_place_s,
                          "first_put_us": first_s * 1e6, "first_put_ratio": memcpy_s / first_s})
             size *= 4 if size < (1 << 20) else 2
     return rows
@@ -398,20 +405,22 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     rows = [["block", "memcpy GB/s", "put GB/s", "put/memcpy", "pipelined put GB/s", "ratio", "get GB/s",
-             "get/memcpy", "put us", "get us", "first put us", "first/memcpy"]]
+             "get/memcpy", "put us", "get us", "in place us", "memcpy/in place", "first put us", "first/memcpy"]]
     for r in result["throughput"]:
         rows.append([human_bytes(r["block_bytes"]), f"{r['memcpy_gbps']:.2f}", f"{r['put_gbps']:.2f}",
                      f"{r['put_ratio']:.2f}", f"{r['put_stream_gbps']:.2f}", f"{r['put_stream_ratio']:.2f}",
                      f"{r['get_gbps']:.2f}", f"{r['get_ratio']:.2f}", f"{r['put_us']:.0f}", f"{r['get_us']:.0f}",
+                     f"{r['get_in_place_us']:.0f}", f"{r['get_in_place_ratio']:.2f}",
                      f"{r['first_put_us']:.0f}", f"{r['first_put_ratio']:.2f}"])
     print("put/get of one block through the API vs numpy copy of the same bytes (best of N; pipelined put: a "
           "stream of puts with wait=False, commit replies read by the next call, vs copies into as many distinct "
-          "buffers):")
+          "buffers; in place: get_views, the caller reads the daemon's memory with no copy, so memcpy/in place "
+          "is how many times over the copy it saves outweighs its round trip):")
     thp = result["shmem_thp"]
     print(f"(DRAM arena prefaulted: {'no' if args.no_prefault else 'yes'}; first put: the first put of that size, "
           f"before any warm-up; shmem THP: {thp['mode']}, daemon memory on 2 MiB pages: "
           f"{human_bytes(thp['daemon_pmd_mapped_bytes'])})")
-    print(table(rows, right=set(range(1, 12))))
+    print(table(rows, right=set(range(1, 14))))
     s = result["small"]
     print(f"\nsmall (64 B) blocks, per-operation overhead against the target of {TARGET_US:.0f} us "
           f"(one block per call includes the socket round trips: put, get and contains, 1 each; a put copies "

@@ -162,3 +162,22 @@ def test_engine_connector_example_runs_against_the_daemon(daemon):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "turn 1: stored blocks 6" in out.stdout and "96 tokens cached, 6 blocks loaded and verified" in out.stdout
+
+
+def test_engine_connector_saves_more_than_one_batch(daemon):
+    """A long prompt's blocks take more than one put_into batch (put_batch_bytes) and come back whole."""
+    from kvtier.examples.engine_connector import KvtierConnector, chained_hashes
+    conn = KvtierConnector(str(daemon.socket), tenant="zc-long")
+    try:
+        shape = (4, 2, 16, 8, 64)   # 128 KiB per block
+        n = conn.kv.hello["put_batch_bytes"] // (128 << 10) + 5
+        tokens = list(range(16 * n))
+        blocks = [np.random.default_rng(i).standard_normal(shape).astype(np.float16) for i in range(n)]
+        assert conn.save_kv("long", tokens, blocks) == n
+        assert conn.lookup("long", tokens) == 16 * n
+        out = [np.empty(shape, np.float16) for _ in range(n)]
+        assert conn.load_kv("long", tokens, out) == n
+        assert all(np.array_equal(a, b) for a, b in zip(out, blocks))
+        assert conn.kv.delete(chained_hashes(tokens, 16)) == n
+    finally:
+        conn.kv.close()

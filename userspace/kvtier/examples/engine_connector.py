@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import xxhash
 
-from kvtier.client import Client
+from kvtier.client import LOOKUP_BATCH, PUT_BATCH, Client
 
 
 def chained_hashes(tokens: list[int], block_tokens: int, parent: int = 0) -> list[int]:
@@ -56,10 +56,15 @@ class KvtierConnector:
         """Copy the stored prefix blocks into the engine's buffers; returns blocks loaded. get_views lends the
         daemon's memory itself: a real connector copies host-to-device from it (no staging copy first)."""
         hashes = chained_hashes(tokens, self.block_tokens)[:len(gpu_blocks)]
-        with self.kv.get_views(self._session(request_id), hashes) as views:
-            loaded = next((i for i, v in enumerate(views) if v is None), len(views))
-            for dst, src in zip(gpu_blocks[:loaded], views):
-                dst[...] = src   # stands for the H2D copy into the engine's KV pages
+        sid, per = self._session(request_id), min(LOOKUP_BATCH, self.kv.hello.get("get_batch_blocks") or LOOKUP_BATCH)
+        loaded = 0
+        while loaded < len(hashes):   # as many as the daemon holds for one get at a time; a miss ends the prefix
+            with self.kv.get_views(sid, hashes[loaded:loaded + per]) as views:
+                for src in views:
+                    if src is None:
+                        return loaded
+                    gpu_blocks[loaded][...] = src   # stands for the H2D copy into the engine's KV pages
+                    loaded += 1
         return loaded
 
     def save_kv(self, request_id: str, tokens: list[int], blocks: list[np.ndarray]) -> int:
@@ -67,17 +72,20 @@ class KvtierConnector:
         daemon's slots: a real connector copies device-to-host into them (no staging copy first)."""
         hashes = chained_hashes(tokens, self.block_tokens)[:len(blocks)]
         sid = self._session(request_id)
-        if not hashes:
-            return 0
         types = ["prefix"] + ["history"] * (len(hashes) - 1)
-        first = blocks[0]
-        with self.kv.put_into(sid, [(h, t, first.nbytes) for h, t in zip(hashes, types)], dtype=first.dtype,
-                              shape=first.shape) as slots:
-            for dst, src in zip(slots, blocks):
-                if dst is not None:   # None: already stored (a shared prefix)
-                    dst[...] = src    # stands for the D2H copy out of the engine's KV pages
+        stored = 0
+        if hashes:
+            # one put_into per batch the daemon takes at once (its slots are reserved in memory together)
+            per = max(1, min(PUT_BATCH, self.kv.hello.get("put_batch_bytes", 1 << 62) // max(1, blocks[0].nbytes)))
+            for i in range(0, len(hashes), per):
+                todo = [(h, t, b.nbytes) for h, t, b in zip(hashes[i:i + per], types[i:i + per], blocks[i:i + per])]
+                with self.kv.put_into(sid, todo, dtype=blocks[0].dtype, shape=blocks[0].shape) as slots:
+                    for dst, src in zip(slots, blocks[i:i + per]):
+                        if dst is not None:   # None: already stored (a shared prefix)
+                            dst[...] = src    # stands for the D2H copy out of the engine's KV pages
+                stored += slots.stored
         self.kv.hint(sid, "decoding")   # its blocks stay in DRAM while it generates
-        return slots.stored
+        return stored
 
     def request_finished(self, request_id: str) -> None:
         self.kv.hint(self._session(request_id), "idle")   # may resume: kept, demoted rather than dropped

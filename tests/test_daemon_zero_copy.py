@@ -58,6 +58,30 @@ def test_put_into_then_get_views_round_trip(daemon, nbytes):
             assert all(np.array_equal(g, b) for g, b in zip(kv.get(None, keys), blocks))   # and through get()
 
 
+def test_other_calls_inside_a_put_into_block(daemon):
+    """The caller runs code between handing out the slots and storing them: other calls on the same client (a
+    get, a put, a delete that frees room, another put_into) must not cost the open put_into its slots."""
+    big = np.full(STAGE_MIN_BYTES, 5, dtype=np.uint8)   # a put() this big is staged; a put_into is not
+    small = np.full(BLOCK, 6, dtype=np.uint8)
+    with Client(daemon.socket, "zc-g") as kv:
+        assert kv.put(None, [(1, "input", small), (2, "input", big)]) == 2   # spares of both sizes are held now
+        assert kv.put(None, [(3, "input", small), (4, "input", big)]) == 2
+        with kv.put_into(None, [(10, "input", STAGE_MIN_BYTES), (11, "input", BLOCK)]) as slots:
+            assert np.array_equal(kv.get(None, [2])[0], big) and kv.contains([1]) == [kv.contains([1])[0]]
+            assert kv.delete([1, 2]) == 2   # frees room: the daemon would move the connection's spares into it
+            assert kv.put(None, [(5, "input", small)]) == 1
+            with kv.put_into(None, [(12, "input", BLOCK)]) as inner:
+                inner[0][:] = 8
+            assert inner.stored == 1
+            slots[0][:] = 5
+            slots[1][:] = 6
+        assert slots.stored == 2
+        got = kv.get(None, [10, 11, 12, 3, 4, 5])
+        assert np.array_equal(got[0], big) and np.array_equal(got[1], small) and int(got[2].sum()) == 8 * BLOCK
+        assert np.array_equal(got[3], small) and np.array_equal(got[4], big) and np.array_equal(got[5], small)
+        assert kv.delete([10, 11, 12, 3, 4, 5]) == 6
+
+
 def test_durable_put_into_is_on_nvme_when_the_block_ends(daemon):
     def nvme_blocks():
         return [t for t in daemon.stats()["tiers"] if t["kind"] == "nvme"][0]["blocks"]

@@ -118,6 +118,7 @@ class Client:
         self._unacked = 0          # commits sent without waiting for their reply
         self.stored_unacked = 0
         self._spares: dict[int, list] = {}   # nbytes -> spare slots [[spare, arena, offset, nbytes]] to put into
+        self._lent = 0             # put_into blocks open (their spares are out of _spares, being written)
         self._maps: list[mmap.mmap | None] = []
         self._views: list[memoryview | None] = []
         self._dev = None           # /dev/kvtier, when the daemon's arenas are kvtier.ko regions
@@ -333,13 +334,16 @@ class Client:
             want += [n] * max(0, k * per_block - len(self._spares.get(n, ())))
         return want, drop
 
-    def _put_begin(self, fields, items, wait) -> tuple[tuple, list]:
+    def _put_begin(self, fields, items, wait, stage=True) -> tuple[tuple, list]:
         """Where a put's blocks go: (state for _put_end/_put_abort, a writable view per block, None where the
         daemon already holds the block). With spare slots of the right sizes held, the views are those spares
         (one round trip in all: _put_end's put names them; its reply hands out spares for the next put). Else
         the daemon reserves slots now (a round trip) and _put_end commits them, asking for spares.
-        Big puts are staged: the put naming the spares goes out now, before the caller fills them (no reply),
-        so the daemon checks and books it meanwhile, and the commit in _put_end only makes the blocks visible."""
+        Big puts are staged (unless stage=False): the put naming the spares goes out now, before the caller fills
+        them (no reply), so the daemon checks and books it meanwhile, and the commit in _put_end only makes the
+        blocks visible. The connection then must send nothing else before that commit (the daemon drops a staged
+        put that is not followed by its commit or abort), so put_into, whose caller runs code in between, does not
+        stage."""
         if self.hello.get("spare_slots", False):
             pool = self._spares
             need = Counter(it[2] for it in items)
@@ -356,7 +360,7 @@ class Client:
                 fields["spared"] = True
                 for it, sp in zip(items, used):
                     it[:] = [it[0], it[1], it[2], it[3], it[4] if len(it) == 5 else None, sp[:3]]
-                staged = sum(it[2] for it in items) >= STAGE_MIN_BYTES
+                staged = stage and sum(it[2] for it in items) >= STAGE_MIN_BYTES
                 if staged:
                     self._id += 1
                     protocol.send(self.sock, {**fields, "op": "put", "stage": True})
@@ -402,7 +406,7 @@ class Client:
                 self._call("abort", staged=True)
             else:
                 for sp in used:
-                    self._spares[sp[3]].append(sp)
+                    self._spares.setdefault(sp[3], []).append(sp)
 
     @contextlib.contextmanager
     def put_into(self, session: int | None, blocks, durable: bool = False, dtype=None, shape=None):
@@ -419,7 +423,8 @@ class Client:
         given (then get() returns the blocks with that dtype and shape). A slot is valid inside the with-block
         only (it is read-only after it). A block the daemon finds already stored only at the end is deduplicated
         then (its bytes are discarded), as with put(). At most one put batch per call (the client's PUT_BATCH
-        blocks and the daemon's put_batch_bytes): the slots are reserved in memory tiers all at once."""
+        blocks and the daemon's put_batch_bytes): the slots are reserved in memory tiers all at once. Other calls
+        on this client may run inside the with-block (another put_into too)."""
         items = []
         for item in blocks:
             if not isinstance(item, (list, tuple)) or len(item) != 3:
@@ -445,19 +450,22 @@ class Client:
         if not items:
             yield slots
             return
-        state, dests = self._put_begin({"session": session, "blocks": items, "durable": durable}, items, True)
-        for it, dst in zip(items, dests):
-            if dst is None:
-                slots.append(None)
-                continue
-            a = np.frombuffer(dst, dtype=np.uint8)
-            slots.append(a.view(np.dtype(it[3][0])).reshape(it[3][1]) if it[3] else a)
+        state, dests = self._put_begin({"session": session, "blocks": items, "durable": durable}, items, True,
+                                       stage=False)
+        self._lent += 1   # spares in the caller's hands: a delete must not have the daemon move them
         try:
+            for it, dst in zip(items, dests):
+                if dst is None:
+                    slots.append(None)
+                    continue
+                a = np.frombuffer(dst, dtype=np.uint8)
+                slots.append(a.view(np.dtype(it[3][0])).reshape(it[3][1]) if it[3] else a)
             yield slots
         except BaseException:
             self._put_abort(state)
             raise
         finally:
+            self._lent -= 1
             for a in slots:   # a write through a kept slot would change a stored block behind the daemon's back
                 if a is not None:
                     a.flags.writeable = False
@@ -545,7 +553,9 @@ class Client:
     def delete(self, hashes) -> int:
         hashes = list(hashes)
         # spare_pool: the daemon may move this connection's spares into the room the delete freed
-        return sum(self._call("delete", blocks=hashes[i:i + LOOKUP_BATCH], spare_pool=bool(self._spares))["deleted"]
+        # (not while a put_into holds some: the move frees every spare of the connection, those too)
+        return sum(self._call("delete", blocks=hashes[i:i + LOOKUP_BATCH],
+                              spare_pool=bool(self._spares) and not self._lent)["deleted"]
                    for i in range(0, len(hashes), LOOKUP_BATCH))
 
     def stats(self) -> dict:

@@ -124,6 +124,16 @@ def test_put_into_that_raises_stores_nothing_and_leaks_no_slot(daemon):
                         slots[0][:10] = 1
                         raise RuntimeError("engine failed mid-copy")
                 assert kv.contains([50 + attempt]) == [None]
+        # an abort through spares keeps the ones its put would have given back (here: the 1 MiB one)
+        with kv.put_into(None, [(57, "input", BLOCK), (58, "input", STAGE_MIN_BYTES)]):
+            pass
+        assert kv.delete([57, 58]) == 2
+        held = sorted(sp[0] for sps in kv._spares.values() for sp in sps)
+        assert sorted(kv._spares) == [BLOCK, STAGE_MIN_BYTES]
+        with pytest.raises(RuntimeError):
+            with kv.put_into(None, [(59, "input", BLOCK)]):
+                raise RuntimeError("engine failed")
+        assert sorted(sp[0] for sps in kv._spares.values() for sp in sps) == held
         with kv.put_into(None, [(60, "input", BLOCK)]) as slots:   # the connection still works
             slots[0][:] = 7
         assert slots.stored == 1 and int(kv.get(None, [60])[0].sum()) == 7 * BLOCK

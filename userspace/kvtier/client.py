@@ -324,11 +324,12 @@ class Client:
 
     def _want(self, need: Counter, per_block: int = 1) -> tuple[list, list]:
         """Spare sizes to ask for (per_block per block of this put, less what is still held) and spares to give
-        back (sizes this put did not use: the engine's next put is likely shaped like this one)."""
+        back (sizes this put did not use: the engine's next put is likely shaped like this one), taken out of
+        the pool."""
         drop = []
         for n in list(self._spares):
             if n not in need:
-                drop += [sp[0] for sp in self._spares.pop(n)]
+                drop += self._spares.pop(n)
         want = []
         for n, k in need.items():
             want += [n] * max(0, k * per_block - len(self._spares.get(n, ())))
@@ -355,7 +356,7 @@ class Client:
             want, drop = self._want(need, 1 if wait else 2)
             fields = {**fields, "want": want}
             if drop:
-                fields["drop"] = drop
+                fields["drop"] = [sp[0] for sp in drop]
             if spared:
                 fields["spared"] = True
                 for it, sp in zip(items, used):
@@ -364,12 +365,14 @@ class Client:
                 if staged:
                     self._id += 1
                     protocol.send(self.sock, {**fields, "op": "put", "stage": True})
+                # what an abort gives back to the pool: the spares named, and those to drop until a put says so
+                state = ("spared", used + (drop if not staged else []), staged, fields)
                 try:
                     dests = [self._view(sp[1], sp[2], sp[3]) for sp in used]
                 except BaseException:
-                    self._put_abort(("spared", used, staged, fields))
+                    self._put_abort(state)
                     raise
-                return ("spared", used, staged, fields), dests
+                return state, dests
         reply = self._call("put", **fields)
         txn = reply.get("txn")
         if not txn:
@@ -401,11 +404,11 @@ class Client:
         if state[0] == "reserved":
             self._call("abort", txn=state[1])
         elif state[0] == "spared":
-            _, used, staged, _ = state
-            if staged:   # the daemon frees the staged slots and the spares the put named
+            _, held, staged, _ = state
+            if staged:   # the daemon frees the staged slots and the spares the put named (it took the drops)
                 self._call("abort", staged=True)
             else:
-                for sp in used:
+                for sp in held:
                     self._spares.setdefault(sp[3], []).append(sp)
 
     @contextlib.contextmanager

@@ -8,8 +8,8 @@ less free memory than asked for) and moves byte ranges of it:
                      is set once, on the whole arena, when it is allocated.
   to_host(off, n)    SetPreferredLocation(host NUMA node; plain host where the platform has no NUMA-aware
                      managed memory or ignores the advice) and a prefetch to the node on the demotion stream: a
-                     demoted block. AccessedBy
-                     stays set, so the GPU maps the pages over the link instead of faulting them back.
+                     demoted block. AccessedBy stays set, so the GPU maps the pages over the link instead of
+                     faulting them back.
   read_mostly(off, n, on)  SetReadMostly / UnsetReadMostly: a shared prefix block several sessions read; the
                      driver may keep read-only copies on several processors.
 

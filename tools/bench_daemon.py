@@ -50,6 +50,14 @@ def rss(pid: int) -> dict[str, int]:
     return out
 
 
+def get_in_place_s(kv, key, repeat: int) -> float:
+    """Best time of a zero-copy get (get_views) of a stored block: the caller reads the daemon's memory, no copy."""
+    def in_place():
+        with kv.get_views(None, [key]) as views:
+            assert views[0] is not None
+    return best(in_place, repeat)
+
+
 def best(fn, repeat: int) -> float:
     ts = []
     for _ in range(repeat):
@@ -157,10 +165,7 @@ def bench_throughput(sock: str, max_mib: int, settle_s: float = 0.0) -> list[dic
             get_s = best(lambda: kv.get(None, [k], out=out), repeat)
             assert np.array_equal(dst, src)
 
-            def in_place():   # zero-copy: the caller reads the daemon's memory, no copy
-                with kv.get_views(None, [k]) as views:
-                    assert views[0] is not None
-            in_place_s = best(in_place, repeat)
+            in_place_s = get_in_place_s(kv, k, repeat)
             kv.delete([k])
             put_s = min(put_ts)
             rows.append({"block_bytes": size, "memcpy_gbps": size / memcpy_s / 1e9, "put_gbps": size / put_s / 1e9,

@@ -6,13 +6,13 @@
 For each size S, on one GPU:
   memcpy h2d / d2h     cudaMemcpyAsync between pinned host memory (cudaMallocHost) and device memory
                        (cudaMalloc) of S bytes: the baseline.
-  prefetch h2d         the GPU tier's promotion (kvtier.cuda.uvm.ManagedArena.to_device: SetPreferredLocation
-                       and SetAccessedBy advice, then cudaMemPrefetchAsync) of S bytes of managed memory whose
-                       pages are on the host; the advice calls are inside the timed window.
+  prefetch h2d         the GPU tier's promotion (kvtier.cuda.uvm.ManagedArena.to_device: cudaMemPrefetchAsync,
+                       then SetPreferredLocation advice; SetAccessedBy was set once, at allocation) of S bytes of
+                       managed memory whose pages are on the host; the advice call is inside the timed window.
   prefetch d2h         the tier's demotion (to_host: SetPreferredLocation host, prefetch to the host).
   copy d2h             cudaMemcpyAsync from the GPU-resident managed pages into the pinned buffer: what the link
                        gives from managed memory without UVM's page migration (host pages allocated per move).
-All four are timed with CUDA events on the stream doing the work; the median of --reps runs (after one warm-up)
+All five are timed with CUDA events on the stream doing the work; the median of --reps runs (after one warm-up)
 is reported with the ratio prefetch / memcpy (target: >= 0.8).
 
 It never asks for more than the GPU has free: sizes above a quarter of free memory are skipped (the managed

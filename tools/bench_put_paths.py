@@ -75,7 +75,6 @@ def main() -> None:
                                 kv.delete([key])
                                 res.setdefault(f"get {'nt' if mode == 'staged+nt' else 'plain'}", []).append(got)
                         # zero-copy: the caller fills the daemon's slot itself / reads the block in place
-                        client_mod.STAGE_MIN_BYTES, client_mod.NT_COPY_MIN_BYTES = MODES["staged+nt"]
                         ts = []
                         for _ in range(reps):
                             key += 1
@@ -87,13 +86,8 @@ def main() -> None:
                         res.setdefault("put into", []).append(min(ts))
                         key += 1
                         kv.put(None, [(key, "input", src)])
-                        k = key
-
-                        def in_place():
-                            with kv.get_views(None, [k]) as views:
-                                assert views[0] is not None
-                        res.setdefault("get in place", []).append(best(in_place, reps))
-                        with kv.get_views(None, [k]) as views:
+                        res.setdefault("get in place", []).append(bench_daemon.get_in_place_s(kv, key, reps))
+                        with kv.get_views(None, [key]) as views:
                             assert np.array_equal(views[0], src)
                         kv.delete([key])
                         res.setdefault("memcpy", []).append(best(lambda: np.copyto(dst, src), reps))

@@ -94,6 +94,11 @@ def _layout(layout, data, nbytes: int):
     return list(layout)
 
 
+def _typed(a: np.ndarray, meta):
+    """A block's bytes as the array put() was given: meta [dtype, shape] (None: the uint8 bytes as they are)."""
+    return a.view(np.dtype(meta[0])).reshape(meta[1]) if meta else a
+
+
 class _Slots(list):
     """put_into's slots; `stored` (blocks that were new) is set when its with-block ends."""
     stored = 0
@@ -275,6 +280,16 @@ class Client:
         self._call("hint", **fields)
 
     # -- blocks ---------------------------------------------------------------------------------------------
+    @property
+    def put_batch_bytes(self) -> int:
+        """The most bytes of one put message (and of one put_into): its slots are reserved in memory at once."""
+        return self.hello.get("put_batch_bytes") or (1 << 62)
+
+    @property
+    def get_batch_blocks(self) -> int:
+        """The most blocks of one get message (and of one get_views): they are held in memory until released."""
+        return min(self.hello.get("get_batch_blocks") or LOOKUP_BATCH, LOOKUP_BATCH)
+
     def put(self, session: int | None, blocks, durable: bool = False, wait: bool = True, layout=None,
             lossless: bool = False) -> int:
         """Store blocks [(prefix_hash, block_type, numpy array | bytes-like)]; returns how many were new
@@ -290,7 +305,7 @@ class Client:
         head_dim]). With it, an NVMe tier configured with a quantising codec (int8/int4, error_bound) may store
         the block quantised: a later get returns values within the bound, not the same bytes. Without it, or
         with lossless=True, blocks always come back byte-identical."""
-        batch = self.hello.get("put_batch_bytes") or (1 << 62)
+        batch = self.put_batch_bytes
         items, views, nbytes, stored = [], [], 0, 0
         for h, btype, data in blocks:
             mv, meta = _meta(data)
@@ -444,7 +459,7 @@ class Client:
                     raise InputError(f"put_into: {it[2]} bytes do not hold a {dt.name} array of shape "
                                      f"{tuple(dims) if shape is not None else '(n,)'}")
                 it[3] = [dt.str, dims]
-        batch = self.hello.get("put_batch_bytes") or (1 << 62)
+        batch = self.put_batch_bytes
         if len(items) > PUT_BATCH or sum(it[2] for it in items) > batch:
             raise InputError(f"put_into: at most {PUT_BATCH} blocks and {batch} bytes per call (the slots are "
                              f"reserved in memory tiers at once), got {len(items)} blocks of "
@@ -461,8 +476,7 @@ class Client:
                 if dst is None:
                     slots.append(None)
                     continue
-                a = np.frombuffer(dst, dtype=np.uint8)
-                slots.append(a.view(np.dtype(it[3][0])).reshape(it[3][1]) if it[3] else a)
+                slots.append(_typed(np.frombuffer(dst, dtype=np.uint8), it[3]))
             yield slots
         except BaseException:
             self._put_abort(state)
@@ -479,7 +493,7 @@ class Client:
         `out`, if given, is a list of writable buffers to copy into instead (returned in their place)."""
         hashes = list(hashes)
         # Served blocks are held in memory tiers until released: ask in batches that fit there.
-        n = min(self.hello.get("get_batch_blocks") or LOOKUP_BATCH, LOOKUP_BATCH)
+        n = self.get_batch_blocks
         result, served = [], []
         for i in range(0, len(hashes), n):
             result += self._get(session, hashes[i:i + n], None if out is None else out[i:i + n])
@@ -500,7 +514,7 @@ class Client:
                 else:
                     a = np.empty(src.nbytes, dtype=np.uint8)
                     copy_block(memoryview(a), src)
-                    result.append(a.view(np.dtype(meta[0])).reshape(meta[1]) if meta else a)
+                    result.append(_typed(a, meta))
         finally:
             self._release(reply)
         return result
@@ -526,9 +540,9 @@ class Client:
             with kv.get_views(sid, [prefix_hash, ...]) as arrays:
                 for a in arrays: ...
 
-        At most the daemon's get batch (hello's get_batch_blocks) per call: held blocks stay in memory tiers."""
+        At most get_batch_blocks per call: held blocks stay in memory tiers."""
         hashes = list(hashes)
-        n = min(self.hello.get("get_batch_blocks") or LOOKUP_BATCH, LOOKUP_BATCH)
+        n = self.get_batch_blocks
         if len(hashes) > n:
             raise InputError(f"get_views: at most {n} blocks per call (they are held in memory tiers), "
                              f"got {len(hashes)}")
@@ -539,8 +553,7 @@ class Client:
                 if src is None:
                     arrays.append(None)
                     continue
-                a = np.frombuffer(src.toreadonly(), dtype=np.uint8)
-                arrays.append(a.view(np.dtype(meta[0])).reshape(meta[1]) if meta else a)
+                arrays.append(_typed(np.frombuffer(src.toreadonly(), dtype=np.uint8), meta))
             yield arrays
         finally:
             self._release(reply)

@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import xxhash
 
-from kvtier.client import LOOKUP_BATCH, PUT_BATCH, Client
+from kvtier.client import PUT_BATCH, Client
 
 
 def chained_hashes(tokens: list[int], block_tokens: int, parent: int = 0) -> list[int]:
@@ -56,7 +56,7 @@ class KvtierConnector:
         """Copy the stored prefix blocks into the engine's buffers; returns blocks loaded. get_views lends the
         daemon's memory itself: a real connector copies host-to-device from it (no staging copy first)."""
         hashes = chained_hashes(tokens, self.block_tokens)[:len(gpu_blocks)]
-        sid, per = self._session(request_id), min(LOOKUP_BATCH, self.kv.hello.get("get_batch_blocks") or LOOKUP_BATCH)
+        sid, per = self._session(request_id), self.kv.get_batch_blocks
         loaded = 0
         while loaded < len(hashes):   # as many as the daemon holds for one get at a time; a miss ends the prefix
             with self.kv.get_views(sid, hashes[loaded:loaded + per]) as views:
@@ -76,7 +76,7 @@ class KvtierConnector:
         stored = 0
         if hashes:
             # one put_into per batch the daemon takes at once (its slots are reserved in memory together)
-            per = max(1, min(PUT_BATCH, self.kv.hello.get("put_batch_bytes", 1 << 62) // max(1, blocks[0].nbytes)))
+            per = max(1, min(PUT_BATCH, self.kv.put_batch_bytes // max(1, blocks[0].nbytes)))
             for i in range(0, len(hashes), per):
                 todo = [(h, t, b.nbytes) for h, t, b in zip(hashes[i:i + per], types[i:i + per], blocks[i:i + per])]
                 with self.kv.put_into(sid, todo, dtype=blocks[0].dtype, shape=blocks[0].shape) as slots:

@@ -68,7 +68,6 @@ class HitDensityPolicy(ClassQueuePolicy):
         self._seen: dict[int, int] = {}                       # block -> times accessed
         self._children: dict[int, int] = {}                   # block -> first child seen (-1: several)
         self._density: dict[tuple, float] = {}                # (class, bucket) -> cached hit density
-        self._admit_rate = 16.0                               # EMA of admissions per request
         self.sessions: dict[int, Session] = {}
         # Lower tiers of a stack see only demotions, so they score blocks with the first tier's statistics.
         self.learner: HitDensityPolicy = self
@@ -195,8 +194,7 @@ class HitDensityPolicy(ClassQueuePolicy):
             prev = b
         keep = self.history_blocks
         self._seen, self._children = trimmed(seen, keep), trimmed(children, keep)
-        admitted = sum(1 for b in req.hash_ids if b in self._where)
-        self._admit_rate = 0.99 * self._admit_rate + 0.01 * admitted
+        self._count_admitted(req)
 
     def offer(self, block, req, pos, hit):
         cls = self._classify(req, pos, hit)

@@ -130,7 +130,6 @@ class ReusePredictorPolicy(ClassQueuePolicy):
         self._gaps = [[0.0] * AGE_BUCKETS for _ in range(5)]  # per seen bucket: reuses per age bucket
         self._dropped = [0.0] * 5               # per seen bucket: blocks not reused within W
         self._density: dict[tuple, float] = {}
-        self._admit_rate = 16.0
         self._tail: dict = {}                   # per seen bucket: cached S(a) and residual-gap tables
 
     # -- the model ------------------------------------------------------------------------------------
@@ -272,8 +271,7 @@ class ReusePredictorPolicy(ClassQueuePolicy):
                 s[1] = req.timestamp_ms
             self._sess[sid] = s
             self._sess = trimmed(self._sess, SESSIONS_KEPT)
-        admitted = sum(1 for b in req.hash_ids if b in self._where)
-        self._admit_rate = 0.99 * self._admit_rate + 0.01 * admitted
+        self._count_admitted(req)
 
     def offer(self, block, req, pos, hit):
         if pos < 0:  # a demotion without a request position: keep it as a once-seen history block

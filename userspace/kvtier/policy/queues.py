@@ -51,6 +51,7 @@ class ClassQueuePolicy(Policy):
         self._ghost_q: deque = deque()                  # (block, clock) offers in order, to expire ghosts
         self._req = self._req_state = None              # the request begun last, and what the subclass keeps of it
         self._recent: OrderedDict = OrderedDict()       # req.index -> that state, for the last RECENT_REQUESTS
+        self._admit_rate = 16.0                         # EMA of a request's blocks resident after its offers
 
     def _begin(self, req, state) -> None:
         """Keep per-request state for the request's offers. A tier stack offers a decoding session's blocks when
@@ -61,6 +62,12 @@ class ClassQueuePolicy(Policy):
             recent[req.index] = state
             if len(recent) > RECENT_REQUESTS:
                 recent.popitem(last=False)
+
+    def _count_admitted(self, req) -> None:
+        """Fold how many of req's blocks are resident after its offers into the admissions EMA (request_done):
+        with the capacity, it gives the cache's turnover time, which sets the learning horizon."""
+        admitted = sum(1 for b in req.hash_ids if b in self._where)
+        self._admit_rate = 0.99 * self._admit_rate + 0.01 * admitted
 
     @property
     def history_blocks(self) -> int:

@@ -11,6 +11,7 @@ import functools
 import json
 import mmap
 import os
+import shutil
 import subprocess
 import time
 import traceback
@@ -367,3 +368,24 @@ def test_access_reset_keeps_pages_and_refaults(kvtier_dev):
     finally:
         buf.close()
         kvtier_dev.release(region.id)
+
+
+def test_daemon_stopped_while_its_probes_load_exits_cleanly(kvtier_module):
+    """SIGTERM while bcc still compiles the probes in the daemon's background thread: the daemon waits for the
+    load and exits 0, with the probes closed. Stopping under it crashed the interpreter at exit (a segfault in
+    libc, the daemon's exit status -11), as a test module whose daemon lived a second showed."""
+    from daemon_proc import Daemon, short_dir, write_config
+
+    d_dir = short_dir()
+    cfg = write_config(d_dir, backend="kmod", cxl_node=1, extra="[probes]\nenabled = true\n")
+    d = Daemon(d_dir, cfg).start(timeout_s=120)
+    try:
+        assert d.stats()["probes"]["state"] == "loading"   # bcc takes seconds to compile in this guest
+        rc = d.stop(timeout_s=240)
+        log = d.log.read_text()
+        assert rc == 0, log[-2000:]
+        assert "waiting for the eBPF probes" in log, log[-2000:]
+    finally:
+        if d.alive():
+            d.kill9()
+        shutil.rmtree(d_dir, ignore_errors=True)

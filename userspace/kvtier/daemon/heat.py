@@ -89,6 +89,7 @@ class Heat:
         self.cfg = cfg or ProbesConfig()
         self.tracker = HeatTracker(self.cfg.half_life_ms)
         self._loader = loader
+        self._loading: threading.Thread | None = None   # the background load (bcc compiles for seconds)
         self._device = device            # kvtier.kmod.Device for ACCESS_RESET (opened lazily)
         self.probes = None
         self.state = "off"               # off | loading | on | unavailable
@@ -119,7 +120,8 @@ class Heat:
             return
         self.state, self.note = "loading", "compiling bpf/kvheat.bpf.c"
         if background:
-            threading.Thread(target=self._load, name="kvtierd-probes", daemon=True).start()
+            self._loading = threading.Thread(target=self._load, name="kvtierd-probes", daemon=True)
+            self._loading.start()
         else:
             self._load()
 
@@ -147,6 +149,11 @@ class Heat:
             "eBPF probes not loaded, running on API signals alone: %s", why)
 
     def close(self) -> None:
+        if self._loading is not None and self._loading.is_alive():
+            # let bcc finish: probes loaded after close would stay attached, and a process that exits while the
+            # thread is inside the compiler runs its libraries' exit handlers under it
+            log.info("waiting for the eBPF probes to finish loading before closing them")
+            self._loading.join()
         with self._lock:
             if self.probes is not None:
                 self.probes.close()

@@ -15,6 +15,8 @@
      median ratio is reported.
   4. contains() lookups per second with N stored blocks, and the daemon's memory per stored block
      (anonymous RSS delta / blocks: the index, policy state and allocator; block bytes are in the arena).
+     The fill's put calls are timed too (median, p99, worst), and the fill runs again on a daemon with
+     gc_freeze = false (CPython's collector as it is): the collector's pauses in both, from `kvctl status`.
 
   The small-op table also measures the transport floor (a bare Python SEQPACKET round trip, same run) and marks the
   target against each op's latency over that floor: kvtier's own cost per call.
@@ -68,13 +70,15 @@ def best(fn, repeat: int) -> float:
 
 
 def start_daemon(d: Path, dram: str, nvme: str, policy: str = "kvtier",
-                 busy_poll_us: int | None = None, prefault: bool = False) -> tuple[subprocess.Popen, str]:
+                 busy_poll_us: int | None = None, prefault: bool = False,
+                 gc_freeze: bool = True) -> tuple[subprocess.Popen, str]:
     cfg = d / "bench.toml"
     cfg.write_text(f"""
 socket = "{d}/s"
 state_dir = "{d}"
 metrics = ""
 policy = "{policy}"
+gc_freeze = {"true" if gc_freeze else "false"}
 {"" if busy_poll_us is None else f"busy_poll_us = {busy_poll_us}"}
 [blocks]
 min_bytes = 1
@@ -345,11 +349,15 @@ def bench_nvme(sock: str, d: Path, pid: int, rounds: int = 3) -> list[dict]:
 
 def bench_contains(sock: str, pid: int, keys: int) -> dict:
     before = rss(pid)
+    calls = []
     with Client(sock, "bench") as kv:
         payload = b"k" * 64
         t = time.perf_counter()
         for j in range(0, keys, 2048):
-            kv.put(None, [(40_000_000 + j + i, "input", payload) for i in range(min(2048, keys - j))])
+            blocks = [(40_000_000 + j + i, "input", payload) for i in range(min(2048, keys - j))]
+            c = time.perf_counter()
+            kv.put(None, blocks)
+            calls.append(time.perf_counter() - c)
         fill_s = time.perf_counter() - t
         after = rss(pid)
         probe = list(range(40_000_000, 40_000_000 + keys, max(1, keys // 200_000)))
@@ -357,9 +365,12 @@ def bench_contains(sock: str, pid: int, keys: int) -> dict:
         found = kv.contains(probe)
         look_s = time.perf_counter() - t
         assert all(f is not None for f in found)
-    stored = admin_call(sock, "stats")["blocks"]
-    return {"stored_blocks": stored, "contains_per_s": len(probe) / look_s, "fill_s": fill_s,
-            "put_blocks_per_s": keys / fill_s,
+    st = admin_call(sock, "stats")
+    calls.sort()
+    return {"stored_blocks": st["blocks"], "contains_per_s": len(probe) / look_s, "fill_s": fill_s,
+            "put_blocks_per_s": keys / fill_s, "collector": st["collector"],
+            "put_call_ms": {"blocks": 2048, "median": 1e3 * calls[len(calls) // 2],
+                            "p99": 1e3 * calls[min(len(calls) - 1, int(0.99 * len(calls)))], "max": 1e3 * calls[-1]},
             "anon_bytes_per_block": (after["RssAnon"] - before["RssAnon"]) / keys,
             "shmem_bytes_per_block": (after["RssShmem"] - before["RssShmem"]) / keys}
 
@@ -398,12 +409,13 @@ def main() -> None:
                 result["nvme"] = bench_nvme(sock, d, p.pid, max(1, args.nvme_rounds))
         finally:
             stop(p)
-        p, sock = start_daemon(d, dram=f"{max(256, args.keys * 64 // (1 << 20) * 2)}MiB", nvme="64MiB",
-                               policy=args.policy)
-        try:
-            result["contains"] = bench_contains(sock, p.pid, args.keys)
-        finally:
-            stop(p)
+        for freeze in (True, False):   # the daemon's collector against CPython's own, same fill
+            p, sock = start_daemon(d, dram=f"{max(256, args.keys * 64 // (1 << 20) * 2)}MiB", nvme="64MiB",
+                                   policy=args.policy, gc_freeze=freeze)
+            try:
+                result["contains" if freeze else "contains_gc_unfrozen"] = bench_contains(sock, p.pid, args.keys)
+            finally:
+                stop(p)
     finally:
         shutil.rmtree(d, ignore_errors=True)
     if args.json:
@@ -465,6 +477,19 @@ def main() -> None:
           f"(batches of 4096); daemon memory per stored block: {c['anon_bytes_per_block']:.0f} B anonymous "
           f"(index, policy, allocator) + {c['shmem_bytes_per_block']:.0f} B of arena; "
           f"filled at {c['put_blocks_per_s']:,.0f} puts/s")
+    rows = [["collector", "fill puts/s", "put call ms: median", "p99", "max", "collections (gen 0/1/2)",
+             "collector pause ms: max", "total"]]
+    for name, key in (("frozen survivors (gc_freeze = true)", "contains"), ("CPython's (gc_freeze = false)",
+                                                                             "contains_gc_unfrozen")):
+        r = result[key]
+        g, pc = r["collector"], r["put_call_ms"]
+        rows.append([name, f"{r['put_blocks_per_s']:,.0f}", f"{pc['median']:.1f}", f"{pc['p99']:.1f}",
+                     f"{pc['max']:.0f}", "/".join(map(str, g["collections"])), f"{g['pause_max_ms']:.1f}",
+                     f"{g['pause_total_ms']:.0f}"])
+    print(f"\nthe fill ({c['stored_blocks']:,} blocks, puts of {c['put_call_ms']['blocks']}) under the daemon's "
+          f"collector and under CPython's (a full collection, which CPython runs now and then, walks every "
+          f"object the second keeps: it is not in this fill; the worst call is dict growth, in both):")
+    print(table(rows, right=set(range(1, 8))))
 
 
 if __name__ == "__main__":

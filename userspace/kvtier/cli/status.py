@@ -86,6 +86,12 @@ def render(st: dict) -> str:
                          f"({human_bytes(g['to_host_bytes'])}), {g['moves_in_flight']} in flight, "
                          f"{g['shared_blocks']} read-mostly, {g.get('staged_gets', 0)} gets staged to host")
     lines += [f"{t['name']} ({t['kind']}): absent ({t['reason']})" for t in st.get("absent_tiers", [])]
+    g = st.get("collector")
+    if g:   # Python's cycle collector in the daemon: its pauses stall every client
+        lines.append(f"collector: {'survivors frozen' if g['freeze'] else 'CPython default (gc_freeze = false)'}, "
+                     f"{'/'.join(map(str, g['collections']))} collections (gen 0/1/2), longest pause "
+                     f"{g['pause_max_ms']:.1f} ms, {g['pause_total_ms']:.0f} ms in all, "
+                     f"{g['frozen_objects']:,} objects frozen")
     cl = st.get("cluster")
     if cl:   # the Mooncake cluster tier: health, what it measured, what it did
         h, c = cl["health"], cl["counters"]

@@ -7,6 +7,8 @@
     policy = "kvtier"                     # any name of kvtier.policy.registry
     metrics = "127.0.0.1:9477"            # Prometheus endpoint; "" turns it off
     busy_poll_us = 500                    # keep polling this long after a request (0: sleep at once)
+    gc_freeze = true                      # Python's cycle collector skips what outlived a collection (false:
+                                          # CPython's own, whose collections walk the whole index)
     shutdown_flush_s = 20                 # on SIGTERM, copy memory-only blocks to NVMe for up to this long,
                                           # so a restart serves them (0: off; keep under TimeoutStopSec)
 
@@ -72,7 +74,7 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
 _TOP_KEYS = {"socket", "group", "socket_mode", "state_dir", "policy", "metrics", "blocks", "tiers", "tenants",
              "shutdown_flush_s",
-             "busy_poll_us", "admins", "cluster", "probes"}
+             "busy_poll_us", "gc_freeze", "admins", "cluster", "probes"}
 
 
 @dataclass
@@ -117,6 +119,7 @@ class Config:
     tenants: dict[str, TenantConfig]
     source: str = "(embedded default)"
     busy_poll_us: int = 500
+    gc_freeze: bool = True   # see daemon.server.Collector
     shutdown_flush_s: float = 20.0   # SIGTERM: copy memory-only blocks to NVMe for this long (0: off)
     admin_uids: tuple = ()   # besides root and the daemon's uid (tuples: --check prints them as JSON lists)
     admin_gids: tuple = ()
@@ -224,8 +227,8 @@ def from_dict(d: dict, source: str) -> Config:
     if unknown:
         raise InputError(f"{w}unknown key '{sorted(unknown)[0]}'; valid: {', '.join(sorted(_TOP_KEYS))}")
     for key, t in (("socket", str), ("group", str), ("state_dir", str), ("policy", str), ("metrics", str),
-                   ("socket_mode", int), ("busy_poll_us", int), ("blocks", dict), ("tiers", list), ("tenants", dict),
-                   ("admins", dict)):
+                   ("socket_mode", int), ("busy_poll_us", int), ("gc_freeze", bool), ("blocks", dict), ("tiers", list),
+                   ("tenants", dict), ("admins", dict)):
         if key in d:
             _check_type(d, key, t, w)
     socket = d.get("socket") or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
@@ -292,7 +295,8 @@ def from_dict(d: dict, source: str) -> Config:
     probes = parse_probes(d.get("probes"), w)
     return Config(socket=socket, gid=gid, group=group, socket_mode=mode, state_dir=state_dir, policy=policy,
                   metrics_host=mhost, metrics_port=mport, min_block_bytes=min_b, max_block_bytes=max_b,
-                  nominal_block_bytes=nominal, tiers=tiers, tenants=tenants, source=source, busy_poll_us=busy, shutdown_flush_s=float(flush_s),
+                  nominal_block_bytes=nominal, tiers=tiers, tenants=tenants, source=source, busy_poll_us=busy,
+                  gc_freeze=d.get("gc_freeze", True), shutdown_flush_s=float(flush_s),
                   admin_uids=admin_uids, admin_gids=admin_gids, cluster=cluster, absent_tiers=absent_tiers,
                   probes=probes)
 

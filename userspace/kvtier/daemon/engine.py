@@ -709,7 +709,7 @@ class Engine:
     def _reserve(self, key: bytes, nbytes: int, domain: bytes):
         """A slot in the first memory tier with room (victims demoted); reserved slots are not evictable,
         so a batch larger than the first tier continues in the next one."""
-        last = None
+        why = None   # the last tier's reason (its text, not the exception: that would be a cycle with this frame)
         for t in range(self.mem_count):
             if self.gpu is not None and t in self.gpu.tiers:
                 continue   # clients write into host memory; the GPU tier is reached by promotion
@@ -718,8 +718,8 @@ class Engine:
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
-                last = e
-        raise err(errno.ENOSPC, f"no memory tier has room for a {nbytes}-byte block: {last.strerror}")
+                why = e.strerror
+        raise err(errno.ENOSPC, f"no memory tier has room for a {nbytes}-byte block: {why}")
 
     # -- one-round-trip puts: spare slots ---------------------------------------------------------------
     # A put reply (and a "spare" request) may hand the client spare slots: space reserved in a memory tier
@@ -865,9 +865,10 @@ class Engine:
                     self._store(len(self.tiers) - 1, b, self._read(b.tier, b))
                     b.nvme_copy = True
                 except OSError as e:
-                    # not acknowledged: this block and the rest of the batch are not stored
+                    # not acknowledged: this block and the rest of the batch are not stored (errno and text
+                    # kept, not the exception: that would be a reference cycle with this frame)
                     self.tiers[b.tier].delete(key)
-                    failure = e
+                    failure = (e.errno, e.strerror or str(e))
                     continue
             self.blocks[key] = b
             self.by_bid[b.bid] = b
@@ -885,8 +886,8 @@ class Engine:
             b.out_of_policy = True   # until the policy has seen it (run_deferred)
         self._policy_work(lambda: self._admit_put(sid, tenant, blocks))
         if failure is not None:
-            raise err(failure.errno or errno.EIO, f"write-through to NVMe failed after {len(blocks)} of "
-                                                  f"{len(staged)} blocks: {failure.strerror or failure}")
+            raise err(failure[0] or errno.EIO, f"write-through to NVMe failed after {len(blocks)} of "
+                                               f"{len(staged)} blocks: {failure[1]}")
         return len(blocks)
 
     def _admit_put(self, sid, tenant: str, blocks: list) -> None:

@@ -34,7 +34,60 @@ from kvtier.errors import InputError
 log = logging.getLogger("kvtier.daemon")
 
 PREFETCH_EVERY_S = 1.0
-GC_GEN0_OBJECTS = 50_000   # allocations between young collections (CPython default 700); see serve_forever
+GC_GEN0_OBJECTS = 50_000   # allocations between young collections (CPython default 700); see Collector
+
+
+class Collector:
+    """Python's cycle collector, kept away from what the daemon holds.
+
+    The index, the policies' state and the arenas are millions of long-lived objects that make no garbage
+    cycles, and CPython's collector would walk them anyway: a collection of its middle generation walks
+    everything that survived the young ones since the last (~200 ms at 1M blocks), a full one the whole heap
+    (1.8 s at 1M blocks under the default policy), and every client waits that long. So what start-up built is
+    frozen (gc.freeze: the permanent generation, never walked), young collections come every GC_GEN0_OBJECTS
+    allocations (bulk puts at 1M blocks ran 1.3-1.4x faster than with CPython's 700), and with freeze=True (the
+    default; config gc_freeze) the survivors of each collection are frozen as it ends: no collection walks an
+    object twice, so each costs what was allocated since the last (~5 ms at most). The price: garbage that is a
+    reference cycle of objects which lived through a collection is never freed. Reference counting still frees
+    everything else, the daemon's requests make no such cycles (tests/test_daemon_gc.py checks), and what drops
+    long-lived state (a policy change) calls collect_all(), which walks everything once."""
+
+    def __init__(self, freeze: bool = True):
+        self.freeze = freeze
+        self.collections = [0, 0, 0]   # per generation, since start
+        self.pause_max_s = self.pause_total_s = 0.0
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_GEN0_OBJECTS, 20, 100)
+        gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        if self.freeze:
+            gc.freeze()   # the survivors: the collected generations are empty now, so nothing younger goes too
+        dt = time.perf_counter() - self._t0
+        self.collections[min(2, info["generation"])] += 1
+        self.pause_total_s += dt
+        self.pause_max_s = max(self.pause_max_s, dt)
+
+    def collect_all(self) -> None:
+        """Walk everything once (frozen objects included) and free the cycles among them."""
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
+    def status(self) -> dict:
+        return {"freeze": self.freeze, "collections": list(self.collections), "frozen_objects": gc.get_freeze_count(),
+                "pause_max_ms": round(self.pause_max_s * 1e3, 3), "pause_total_ms": round(self.pause_total_s * 1e3, 1)}
 
 
 def sd_notify(state: str) -> bool:
@@ -124,6 +177,7 @@ class Server:
         self.reload_wanted = False
         self.metrics_port = None
         self.started = time.time()
+        self.collector = Collector(getattr(cfg, "gc_freeze", True))
         self._rbuf = protocol.new_buffer()   # one receive buffer: the loop unpacks each message before the next
         self._ops = {
             "hello": self.op_hello, "arenas": self.op_arenas, "register_session": self.op_register_session,
@@ -193,12 +247,7 @@ class Server:
                  f"{self.cfg.metrics_host}:{self.metrics_port}" if self.metrics_port else "off")
         for t in getattr(self.cfg, "absent_tiers", ()):   # optional gpu tiers without their GPU
             log.warning("tier %s (%s) left out: %s", t["name"], t["kind"], t["reason"])
-        # The index holds millions of long-lived objects and makes few cycles: what start-up built (recovered
-        # index, tiers, code) is frozen out of the collector, and a young generation of GC_GEN0_OBJECTS keeps
-        # collections from walking the index every few hundred puts (bulk puts 1.3-1.4x faster at 1M blocks).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(GC_GEN0_OBJECTS, 20, 100)
+        self.collector.start()
         spin_s = self.cfg.busy_poll_us / 1e6
         spin_until = 0.0
         while self.running:
@@ -269,6 +318,7 @@ class Server:
             except Exception:   # a failed flush must not keep the NVMe index from closing cleanly
                 log.exception("flush for restart")
         self.heat.close()
+        self.collector.stop()
         self.engine.close()   # NvmeTier.close() syncs and closes its index log
         if self.metrics is not None:
             self.metrics.stop()
@@ -298,6 +348,8 @@ class Server:
         if new.policy != self.engine.policy_name:
             self.engine.set_policy(new.policy)
             self.cfg.policy = new.policy
+            self.collector.collect_all()   # the old policy's state goes: free what of it was frozen in cycles
+        self.cfg.gc_freeze = self.collector.freeze = new.gc_freeze
         self.engine.set_limits([t.capacity_bytes for t in new.tiers])
         log.info("reloaded %s: policy %s, capacities %s", self.config_path or "(embedded default)", new.policy,
                  [t.capacity_bytes for t in new.tiers])
@@ -698,7 +750,7 @@ class Server:
         from kvtier import kmod
         if scope is None:
             st = self.engine.status()
-            st.update(connections=len(self.conns), metrics_port=self.metrics_port)
+            st.update(connections=len(self.conns), metrics_port=self.metrics_port, collector=self.collector.status())
         else:
             # Other tenants' volume and hit rates are theirs: a tenant sees the tiers' sizes and its own counts.
             eng = self.engine
@@ -803,6 +855,7 @@ class Server:
                                             f"{', '.join(n for n in policy_names() if n != 'opt')}")
             self.engine.set_policy(name)
             self.cfg.policy = name
+            self.collector.collect_all()
         p0 = self.engine.policies[0]
         return {"policy": self.engine.policy_name,
                 "tiers": [{"tier": t.name, "capacity_blocks": p.capacity_blocks, "resident_blocks": len(p)}

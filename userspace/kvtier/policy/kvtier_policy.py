@@ -69,8 +69,18 @@ class HitDensityPolicy(ClassQueuePolicy):
         self._children: dict[int, int] = {}                   # block -> first child seen (-1: several)
         self._density: dict[tuple, float] = {}                # (class, bucket) -> cached hit density
         self.sessions: dict[int, Session] = {}
-        # Lower tiers of a stack see only demotions, so they score blocks with the first tier's statistics.
-        self.learner: HitDensityPolicy = self
+        self._learner: HitDensityPolicy | None = None
+
+    @property
+    def learner(self) -> HitDensityPolicy:
+        """Whose statistics score this policy's classes: its own, or (lower tiers of a stack, which see only
+        demotions) the first tier's. Kept as None for itself: a reference to itself would make the policy a
+        cycle, which the daemon's collector frees only on a full walk (see daemon.server.Collector)."""
+        return self._learner if self._learner is not None else self
+
+    @learner.setter
+    def learner(self, top: HitDensityPolicy) -> None:
+        self._learner = None if top is self else top
 
     # -- learning ---------------------------------------------------------------------------------
     @property

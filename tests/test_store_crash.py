@@ -1,8 +1,6 @@
 """NvmeTier crash safety: SIGKILL a child in the middle of heavy put/overwrite/delete traffic, reopen,
 and check that every acknowledged block reads back intact and nothing corrupt is served."""
-import os
 import random
-import select
 import shutil
 import signal
 import subprocess
@@ -11,7 +9,6 @@ import tempfile
 import textwrap
 import time
 
-import pytest
 
 from kvtier.store import NvmeTier
 

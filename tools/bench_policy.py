@@ -14,7 +14,6 @@ the better of LRU and ARC. The synthetic traces include kinds the policies were 
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "userspace"))

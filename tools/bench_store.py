@@ -66,7 +66,7 @@ def bench_nvme(directory: str, total: int, repeats: int) -> list[dict]:
         work = tempfile.mkdtemp(prefix="bench-store-", dir=directory)
         try:
             ddfile = os.path.join(work, "dd")
-            dd = [f"if=/dev/zero", f"of={ddfile}", f"bs={size}", f"count={n}"]
+            dd = ["if=/dev/zero", f"of={ddfile}", f"bs={size}", f"count={n}"]
             dd_w = best_of(repeats, lambda: dd_seconds(dd + ["oflag=direct"]))
             dd_dsync = best_of(repeats, lambda: dd_seconds(dd + ["oflag=direct,dsync"]))
             dd_fsync = best_of(repeats, lambda: dd_seconds(dd + ["oflag=direct", "conv=fdatasync"]))

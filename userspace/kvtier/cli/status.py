@@ -46,7 +46,7 @@ def call(socket_path: str | None, op: str, **fields) -> dict:
         reply = admin_call(path, op, tenant=os.environ.get(TENANT_ENV) or None, **fields)
     except (FileNotFoundError, ConnectionRefusedError) as e:
         raise OSError(e.errno, f"kvtierd is not running (no daemon at {path})") from None
-    except PermissionError as e:
+    except PermissionError:
         raise OSError(errno.EACCES, f"{path}: permission denied (are you in the daemon's group?)") from None
     reply.pop("ok", None)
     reply.pop("id", None)

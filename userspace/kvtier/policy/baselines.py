@@ -6,10 +6,9 @@ O(log n) work per access so a 300k-access trace replays in about a second.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 from kvtier.policy.base import Policy
-from kvtier.policy.model import Request
 
 
 class LRU(Policy):

@@ -6,7 +6,6 @@ to the cache of N blocks. hit_rate = hits / all block accesses, the same for eve
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable

@@ -51,7 +51,6 @@ def generate(kind: str = "chat", requests: int = 3000, seed: int = 0) -> list[Re
     }[kind]
     prompts = [fresh(rng.randint(*params["prompt_blocks"])) for _ in range(params["prompts"])]
     docs = [fresh(rng.randint(4, 40)) for _ in range(params["docs"])]
-    events: list[tuple[float, list[int], int]] = []  # (time, context blocks so far, session)
     t = 0.0
     out = []
     sessions = 0

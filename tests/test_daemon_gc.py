@@ -18,6 +18,7 @@ from kvtier.client import Client
 from kvtier.daemon import config as config_mod
 from kvtier.daemon.engine import Engine
 from kvtier.daemon.server import build_tiers
+from kvtier.errors import InputError
 
 
 def _workload(e: Engine, rng: random.Random, steps: int) -> None:
@@ -132,5 +133,5 @@ def test_sighup_switches_the_collector():
 
 def test_gc_freeze_must_be_a_boolean(tmp_path):
     cfg = write_config(tmp_path, extra='gc_freeze = "yes"')
-    with pytest.raises(Exception, match="gc_freeze: expected bool"):
+    with pytest.raises(InputError, match="gc_freeze: expected bool"):
         config_mod.load(str(cfg))

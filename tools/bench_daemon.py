@@ -13,7 +13,13 @@
      with O_DIRECT straight into the arena slot, checksum verified) vs `dd iflag=direct`, same sizes, same
      filesystem. Spill, fill and both dd runs alternate round by round (--nvme-rounds, default 3) and the
      median ratio is reported.
-  4. contains() lookups per second with N stored blocks, and the daemon's memory per stored block
+  4. spill under memory pressure: a stream of plain (not durable) 1 MiB puts into a full DRAM tier, so every put
+     displaces a block to NVMe, once with the default free target (background reclaim: victims demoted in
+     batches, written by the writer thread, one device flush per batch) and once with free_target = 0 (each
+     put demotes its victim itself, one durable write each, the behaviour before reclaim), vs `dd oflag=direct`
+     writing as many blocks over an existing file (conv=fdatasync: one flush for the lot; and without any
+     flush), rounds interleaved (--nvme-rounds).
+  5. contains() lookups per second with N stored blocks, and the daemon's memory per stored block
      (anonymous RSS delta / blocks: the index, policy state and allocator; block bytes are in the arena).
      The fill's put calls are timed too (median, p99, worst), and the fill runs again on a daemon with
      gc_freeze = false (CPython's collector as it is): the collector's pauses in both, from `kvctl status`.
@@ -71,7 +77,7 @@ def best(fn, repeat: int) -> float:
 
 def start_daemon(d: Path, dram: str, nvme: str, policy: str = "kvtier",
                  busy_poll_us: int | None = None, prefault: bool = False,
-                 gc_freeze: bool = True) -> tuple[subprocess.Popen, str]:
+                 gc_freeze: bool = True, free_target: str | None = None) -> tuple[subprocess.Popen, str]:
     cfg = d / "bench.toml"
     cfg.write_text(f"""
 socket = "{d}/s"
@@ -89,6 +95,7 @@ name = "dram0"
 kind = "dram"
 capacity = "{dram}"
 prefault = {"true" if prefault else "false"}
+{"" if free_target is None else f'free_target = "{free_target}"'}
 [[tiers]]
 name = "nvme0"
 kind = "nvme"
@@ -347,6 +354,73 @@ def bench_nvme(sock: str, d: Path, pid: int, rounds: int = 3) -> list[dict]:
     return rows
 
 
+def bench_pressure(d: Path, policy: str, rounds: int = 3, size: int = 1 << 20, dram_mib: int = 1024,
+                   total_mib: int = 256) -> dict:
+    """Spill under memory pressure (see the top): per mode, the mean time per put of a stream of `total_mib` of
+    puts into a full DRAM tier and the median and p99 put call; dd's times per block of the same size."""
+    n = (total_mib << 20) // size
+    src = np.random.default_rng(7).integers(0, 255, size, dtype=np.uint8)
+    f = d / "pressure-dd.bin"
+    dd(["if=/dev/zero", f"of={f}", f"bs={size}", f"count={n}", "oflag=direct"])   # dd overwrites from here on
+    modes = {"reclaim": None, "in the put": "0"}   # None: the default free target
+    daemons = {}
+    out = {m: [] for m in modes}
+    out["dd_fdatasync"], out["dd_nosync"] = [], []
+    try:
+        for m, ft in modes.items():
+            sub = d / f"pressure-{len(daemons)}"
+            sub.mkdir()
+            p, sock = start_daemon(sub, dram=f"{dram_mib}MiB", nvme=f"{2 * total_mib + 2 * dram_mib}MiB",
+                                   policy=policy, free_target=ft)
+            daemons[m] = (p, sock, Client(sock, "bench"), [0])
+            kv, key = daemons[m][2], daemons[m][3]
+
+            def puts(count, kv=kv, key=key):
+                for _ in range(count):
+                    key[0] += 1
+                    kv.put(None, [(key[0], "input", src)])
+            puts(n + dram_mib)   # the NVMe data file grows once; then it is overwritten, like dd's file
+            kv.delete(list(range(1, key[0] + 1)))
+            puts(dram_mib)       # DRAM full again: from here every put displaces a block
+        for _ in range(rounds):
+            for m, (p, sock, kv, key) in daemons.items():
+                c0 = admin_call(sock, "stats")["counters"]
+                ts = []
+                t = time.perf_counter()
+                for _ in range(n):
+                    key[0] += 1
+                    t1 = time.perf_counter()
+                    kv.put(None, [(key[0], "input", src)])
+                    ts.append(time.perf_counter() - t1)
+                total = time.perf_counter() - t
+                c1 = admin_call(sock, "stats")["counters"]
+                ts.sort()
+                out[m].append({"put_s": total / n, "median_s": ts[n // 2], "p99_s": ts[int(n * 0.99)],
+                               "demotions": c1["demotions"] - c0["demotions"],
+                               "written_back": c1["writeback_blocks"] - c0["writeback_blocks"]})
+            out["dd_fdatasync"].append(dd(["if=/dev/zero", f"of={f}", f"bs={size}", f"count={n}", "oflag=direct",
+                                           "conv=notrunc,fdatasync"]) / n)
+            out["dd_nosync"].append(dd(["if=/dev/zero", f"of={f}", f"bs={size}", f"count={n}", "oflag=direct",
+                                        "conv=notrunc"]) / n)
+    finally:
+        for p, _, kv, _ in daemons.values():
+            kv.close()
+            stop(p)
+        f.unlink(missing_ok=True)
+    med = statistics.median
+    rows = []
+    for m in modes:
+        r = out[m]
+        rows.append({"mode": m, "block_bytes": size, "put_us": med(x["put_s"] for x in r) * 1e6,
+                     "median_put_us": med(x["median_s"] for x in r) * 1e6,
+                     "p99_put_us": med(x["p99_s"] for x in r) * 1e6,
+                     "vs_dd_fdatasync": med(dd_t / x["put_s"] for dd_t, x in zip(out["dd_fdatasync"], r)),
+                     "vs_dd_nosync": med(dd_t / x["put_s"] for dd_t, x in zip(out["dd_nosync"], r)),
+                     "written_back_share": sum(x["written_back"] for x in r) / max(1, sum(x["demotions"] for x in r))})
+    return {"rows": rows, "rounds": rounds, "puts": n, "dram_mib": dram_mib,
+            "dd_fdatasync_us": med(out["dd_fdatasync"]) * 1e6, "dd_nosync_us": med(out["dd_nosync"]) * 1e6}
+
+
 def bench_contains(sock: str, pid: int, keys: int) -> dict:
     before = rss(pid)
     calls = []
@@ -409,6 +483,8 @@ def main() -> None:
                 result["nvme"] = bench_nvme(sock, d, p.pid, max(1, args.nvme_rounds))
         finally:
             stop(p)
+        if not args.skip_nvme:
+            result["pressure"] = bench_pressure(d, args.policy, max(1, args.nvme_rounds))
         for freeze in (True, False):   # the daemon's collector against CPython's own, same fill
             p, sock = start_daemon(d, dram=f"{max(256, args.keys * 64 // (1 << 20) * 2)}MiB", nvme="64MiB",
                                    policy=args.policy, gc_freeze=freeze)
@@ -472,6 +548,20 @@ def main() -> None:
               f"of {rounds} interleaved rounds (range over rounds; 1st pass: the same puts once before, growing the\n"
               f"data file; target 0.9):")
         print(table(rows, right=set(range(1, 13))))
+    if "pressure" in result:
+        pr = result["pressure"]
+        rows = [["demotion", "put us (mean)", "median", "p99", "spill MB/s", "/dd conv=fdatasync", "/dd no flush",
+                 "written by the writer"]]
+        for r in pr["rows"]:
+            rows.append([r["mode"], f"{r['put_us']:.0f}", f"{r['median_put_us']:.0f}", f"{r['p99_put_us']:.0f}",
+                         f"{r['block_bytes'] / r['put_us']:.0f}", f"{r['vs_dd_fdatasync']:.2f}",
+                         f"{r['vs_dd_nosync']:.2f}", f"{r['written_back_share']:.0%}"])
+        print(f"\nspill under memory pressure: {pr['puts']} puts of {human_bytes(pr['rows'][0]['block_bytes'])} "
+              f"into a full {pr['dram_mib']} MiB DRAM tier, each displacing a block to NVMe; reclaim (the default "
+              f"free target) against demotion in the put (free_target = 0); dd over an existing file, same block "
+              f"size: {pr['dd_fdatasync_us']:.0f} us per block with one flush for the lot, {pr['dd_nosync_us']:.0f} "
+              f"without; medians of {pr['rounds']} interleaved rounds:")
+        print(table(rows, right=set(range(1, 8))))
     c = result["contains"]
     print(f"\ncontains at {c['stored_blocks']:,} stored blocks: {c['contains_per_s']:,.0f} lookups/s "
           f"(batches of 4096); daemon memory per stored block: {c['anon_bytes_per_block']:.0f} B anonymous "

@@ -24,6 +24,7 @@
     nodes = [0]
     capacity = "8GiB"                     # bytes, or "N KiB/MiB/GiB/TiB", or "25%" of free memory / disk
     backend = "auto"                      # auto | memfd | kmod
+    free_target = "2%"                    # kept free by background demotion (bytes or % of the tier; 0: off)
 
     [[tiers]]
     name = "nvme0"
@@ -70,6 +71,7 @@ DEFAULT_SOCKET = "/run/kvtier/kvtierd.sock"
 DEFAULT_STATE = "/var/lib/kvtier"
 DEFAULT_DRAM_FRACTION = 0.25   # of MemAvailable: leave the machine room for the engine itself
 DEFAULT_NVME_FRACTION = 0.5    # of the state directory's free disk
+DEFAULT_FREE_TARGET = "2%"     # of a memory tier with a tier below: reclaimed in the background (Engine.reclaim)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
 _TOP_KEYS = {"socket", "group", "socket_mode", "state_dir", "policy", "metrics", "blocks", "tiers", "tenants",
@@ -88,6 +90,7 @@ class TierConfig:
     codec: dict | None = None
     fsync: bool = True
     prefault: bool = False   # memory tiers: fault the whole arena in at start (first puts pay no page faults)
+    free_target_bytes: int = 0   # memory tiers: what background reclaim keeps free (Engine.reclaim; 0: off)
     device: int = 0          # gpu tiers: the CUDA device (kvtier.cuda.config)
     optional: bool = False   # gpu tiers: without the GPU, start without the tier instead of failing
 
@@ -157,6 +160,16 @@ def parse_size(value, where: str, free_bytes: int | None = None) -> int:
         raise InputError(f"{where}: expected a size, got {value!r}")
     if n <= 0:
         raise InputError(f"{where}: size must be positive, got {value!r}")
+    return n
+
+
+def _free_target(value, where: str, capacity_bytes: int) -> int:
+    """A memory tier's free_target: bytes or "N%" of the tier, at most half of it; 0 turns reclaim off."""
+    if value == 0 or value == "0":
+        return 0
+    n = parse_size(value, where, capacity_bytes)
+    if n > capacity_bytes // 2:
+        raise InputError(f"{where}: at most half the tier's capacity ({capacity_bytes // 2} bytes), got {value!r}")
     return n
 
 
@@ -331,9 +344,10 @@ def _tiers(spec, state_dir: str, w: str, absent: list | None = None) -> list[Tie
     if spec is None:
         # Embedded default: DRAM through memfd on node 0, NVMe in the state directory.
         nvme_dir = os.path.join(state_dir, "nvme")
-        return [TierConfig("dram0", "dram", max(64 << 20, int(_mem_available() * DEFAULT_DRAM_FRACTION)), [0]),
-                TierConfig("nvme0", "nvme", max(64 << 20, int(_disk_free(state_dir) * DEFAULT_NVME_FRACTION)),
-                           directory=nvme_dir)]
+        dram = TierConfig("dram0", "dram", max(64 << 20, int(_mem_available() * DEFAULT_DRAM_FRACTION)), [0])
+        dram.free_target_bytes = _free_target(DEFAULT_FREE_TARGET, "", dram.capacity_bytes)
+        return [dram, TierConfig("nvme0", "nvme", max(64 << 20, int(_disk_free(state_dir) * DEFAULT_NVME_FRACTION)),
+                                 directory=nvme_dir)]
     if not spec:
         raise InputError(f"{w}tiers: at least one tier is needed")
     out, names = [], set()
@@ -342,7 +356,7 @@ def _tiers(spec, state_dir: str, w: str, absent: list | None = None) -> list[Tie
         if not isinstance(t, dict):
             raise InputError(f"{w}tiers[{i}]: expected a table")
         allowed = {"name", "kind", "nodes", "capacity", "backend", "directory", "codec", "fsync", "prefault",
-                   "device", "optional"}
+                   "free_target", "device", "optional"}
         bad = set(t) - allowed
         if bad:
             raise InputError(f"{where}{sorted(bad)[0]}: unknown key; valid: {', '.join(sorted(allowed))}")
@@ -356,6 +370,8 @@ def _tiers(spec, state_dir: str, w: str, absent: list | None = None) -> list[Tie
         if "capacity" not in t:
             raise InputError(f"{where}capacity: missing")
         tc = TierConfig(name, kind, 0)
+        if kind == "gpu" and "free_target" in t:
+            raise InputError(f"{where}free_target: only memory tiers (dram, cxl) are reclaimed into a tier below")
         if kind == "gpu":   # kvtier.cuda.config: device, optional, capacity within the GPU's free memory
             if out and out[-1].kind != "gpu":
                 raise InputError(f"{where}kind: gpu tiers come first (fastest first)")
@@ -401,8 +417,12 @@ def _tiers(spec, state_dir: str, w: str, absent: list | None = None) -> list[Tie
             if not isinstance(prefault, bool):
                 raise InputError(f"{where}prefault: expected true or false")
             tc.prefault = prefault
+            tc.free_target_bytes = _free_target(t.get("free_target", DEFAULT_FREE_TARGET), f"{where}free_target",
+                                                tc.capacity_bytes)
         if kind == "nvme" and "prefault" in t:
             raise InputError(f"{where}prefault: only memory tiers (dram, cxl) are prefaulted")
+        if kind == "nvme" and "free_target" in t:
+            raise InputError(f"{where}free_target: only memory tiers (dram, cxl) are reclaimed into a tier below")
         out.append(tc)
     if not out or all(t.kind == "gpu" for t in out if t.kind != "nvme"):
         raise InputError(f"{w}tiers: a dram or cxl tier is needed (clients put and read through host memory; "

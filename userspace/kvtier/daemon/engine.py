@@ -23,6 +23,8 @@ import itertools
 import logging
 import time
 from collections import deque
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
 import xxhash
@@ -39,6 +41,8 @@ MOVES_KEPT = 4096
 PUT_SPARES_MAX = 2048   # spare slots handed out per request
 NVME_MAGIC = b"KVB1"
 NVME_HEADER_MAX = 4096   # NvmeTier stores a header up to this size apart from the data
+NVME_UNIT_BYTES = 4096   # NvmeTier's extent unit: a block takes a header unit and its data rounded up to units
+RECLAIM_BATCH_BYTES = 8 << 20   # one step of background reclaim: ~2-3 ms of disk here, then requests again
 STATES = {"prefilling": SessionState.PREFILL, "decoding": SessionState.DECODE, "idle": SessionState.IDLE,
           "finished": SessionState.FINISHED, "resume": SessionState.IDLE}
 BLOCK_TYPES = {t.name.lower(): int(t) for t in BlockType}
@@ -89,9 +93,14 @@ def _check_layout(layout, nbytes: int):
     return tuple(layout)
 
 
+def _extent_bytes(nbytes: int) -> int:
+    """The NVMe tier's room for a block of nbytes (header unit + data in whole units)."""
+    return NVME_UNIT_BYTES + -(-nbytes // NVME_UNIT_BYTES) * NVME_UNIT_BYTES
+
+
 class Block:
     __slots__ = ("key", "bid", "tenant", "nbytes", "btype", "meta", "tier", "sessions", "pins", "leases",
-                 "nvme_copy", "durable", "out_of_policy", "hits", "layout")
+                 "nvme_copy", "durable", "out_of_policy", "hits", "layout", "writeback")
 
     def __init__(self, key, tenant, nbytes, btype, meta, tier):
         self.key = key
@@ -109,6 +118,7 @@ class Block:
         self.out_of_policy = False
         self.hits = 0
         self.layout = None      # (dtype, tokens, heads, head_dim) of a KV block a quantising tier may quantise
+        self.writeback = False  # a reclaim victim the writer thread is copying to NVMe (Engine.reclaim)
 
     def to_dict(self, tiers) -> dict:
         return {"block": self.key.hex(), "tenant": self.tenant, "nbytes": self.nbytes,
@@ -145,9 +155,14 @@ class Engine:
         self.leases: dict[int, list[Block]] = {}
         self.moves: deque = deque(maxlen=MOVES_KEPT)
         self.counters = {"puts": 0, "dedup_puts": 0, "gets": 0, "misses": 0, "demotions": 0, "promotions": 0,
-                         "drops": 0, "bytes_moved": 0, "prefetches": 0}
+                         "drops": 0, "bytes_moved": 0, "prefetches": 0, "reclaim_batches": 0,
+                         "writeback_blocks": 0}
         self.hits_by_tier = [0] * len(tiers)
         self.evictions: dict[str, int] = {}
+        self.set_free_targets([getattr(tc, "free_target_bytes", 0) for tc in cfg.tiers])
+        self._wb = None        # the writeback in flight: (future, tier, [Block]) (reclaim)
+        self._wb_pool = None   # its one writer thread, started on first use
+        self.on_writeback_done = None   # called from the writer thread when a writeback is done (wakes the server)
         self._ids = itertools.count(1)
         self._req_index = 0
         self.arena_table: list[tuple[int, int]] = []     # global arena id -> (tier, tier's arena index)
@@ -367,23 +382,180 @@ class Engine:
         """Demote victims of tier t's policy until nbytes more fit under its limit (ENOSPC if they cannot)."""
         tier = self.tiers[t]
         while tier.used_bytes + nbytes > self.limit_bytes[t]:
-            if not self._evict_one(t, reason):
+            if not self._demote_batch(t, tier.used_bytes + nbytes - self.limit_bytes[t], reason):
                 raise err(errno.ENOSPC, f"tier {tier.name}: no room for {nbytes} bytes: "
                                         f"every block is pinned or being read")
 
-    def _evict_one(self, t: int, reason: str) -> bool:
+    def _victim(self, t: int) -> Block | None:
+        """The next block tier t's policy gives up that can move now (out of its policy), or None."""
         while True:
             v = self.policies[t].pop_victim()
             if v is None:
-                return False
+                return None
             b = self.by_bid.get(v)
             if b is None or b.tier != t:
                 continue
             if b.leases or b.pins:
                 b.out_of_policy = True   # re-offered when released / unpinned
                 continue
+            return b
+
+    def _evict_one(self, t: int, reason: str) -> bool:
+        b = self._victim(t)
+        if b is None:
+            return False
+        self._demote(b, reason)
+        return True
+
+    def _victims(self, t: int, nbytes: int) -> list:
+        """Victims of tier t (out of its policy now) until they hold at least nbytes."""
+        victims, got = [], 0
+        while got < nbytes:
+            b = self._victim(t)
+            if b is None:
+                break
+            victims.append(b)
+            got += b.nbytes or 1
+        return victims
+
+    def _to_nvme(self, t: int) -> bool:
+        """Whether tier t demotes into the NVMe tier."""
+        return self.nvme is not None and t < self.mem_count and t + 1 == len(self.tiers) - 1
+
+    def _demote_batch(self, t: int, nbytes: int, reason: str) -> bool:
+        """Demote victims of tier t until at least nbytes of them moved, now; those bound for NVMe are written
+        as one group commit (one device flush for the lot, not one each). False if no block could move."""
+        victims = self._victims(t, nbytes)
+        if not victims:
+            return False
+        if self._to_nvme(t):
+            todo = [b for b in victims if not b.nvme_copy]
+            if todo:
+                self._nvme_put_many(todo)   # if that fails, _demote writes them one by one
+        for b in victims:
             self._demote(b, reason)
-            return True
+        return True
+
+    def set_free_targets(self, targets: list) -> None:
+        """The bytes reclaim() keeps free in each memory tier that has a tier below it (0: off)."""
+        targets = list(targets)[:len(self.tiers)]
+        self.free_target = [0 if t + 1 >= len(self.tiers) or t >= self.mem_count or self.tiers[t].kind == "gpu"
+                            else min(int(n or 0), self.limit_bytes[t] // 2) for t, n in enumerate(targets)]
+        # a tier under its (new) target refills it at once, not only once it falls under half of it
+        self._reclaiming = [bool(n) and self.limit_bytes[t] - self.tiers[t].used_bytes < n
+                            for t, n in enumerate(self.free_target)] + [False] * (len(self.tiers) - len(targets))
+
+    def reclaim(self, batch_bytes: int = RECLAIM_BATCH_BYTES) -> bool:
+        """Background demotion, as kswapd does for the kernel: a memory tier whose free bytes fell under half
+        its free target demotes its policy's victims, a batch per call, until the whole target is free again.
+        So a put finds room without waiting for the disk, and the disk gets batches with one flush each.
+        A batch bound for NVMe is written by a thread (writeback) while requests go on; it moves when the
+        write is done (_writeback_finish). The server calls this after requests, while idle and when
+        on_writeback_done wakes it; True while a tier wants another batch at once."""
+        if self._wb is not None:
+            if not self._wb[0].done():
+                return False   # its completion wakes the server
+            self._writeback_finish()
+        more = False
+        for t, target in enumerate(self.free_target):
+            if not target:
+                continue
+            free = self.limit_bytes[t] - self.tiers[t].used_bytes
+            if free >= target or (free >= target // 2 and not self._reclaiming[t]):
+                self._reclaiming[t] = False
+                continue
+            self._reclaiming[t] = True
+            victims = self._victims(t, min(batch_bytes, target - free))
+            if not victims:
+                self._reclaiming[t] = False   # nothing movable now (pinned, leased): the next put retries
+                continue
+            self.counters["reclaim_batches"] += 1
+            later = []
+            for b in victims:
+                if self._to_nvme(t) and not b.nvme_copy and b.nbytes and self._quant_layout(b) is None:
+                    later.append(b)
+                else:
+                    self._demote(b, "reclaim")   # to a memory tier (a copy), or already on disk: now
+            if later and self._writeback_start(t, later):
+                return False
+            more = more or self.limit_bytes[t] - self.tiers[t].used_bytes < target
+        return more
+
+    def _writeback_start(self, t: int, blocks: list) -> bool:
+        """Hand tier t's victims to the writer thread as one NVMe group commit. They stay where they are,
+        readable, until it is done; anything that would free or move one first waits for it (_settle).
+        False if they were demoted here instead (no room on disk without evicting for them now)."""
+        items = []
+        try:
+            for b in blocks:
+                header = self._nvme_header(b)
+                if len(header) > NVME_HEADER_MAX:
+                    raise err(errno.E2BIG, "header")
+                items.append((b.key, self._read(t, b), header))
+            # room on disk now, in this thread: the writer only writes
+            self._room(len(self.tiers) - 1, sum(_extent_bytes(b.nbytes) for b in blocks))
+        except OSError as e:
+            log.debug("writeback of %d blocks from %s: %s; demoting them now", len(blocks), self.tiers[t].name, e)
+            items.clear()   # (views of arena memory)
+            for b in blocks:
+                if self.blocks.get(b.key) is b and b.tier == t:
+                    self._demote(b, "reclaim")
+            return False
+        for b in blocks:
+            b.writeback = True
+        if self._wb_pool is None:
+            self._wb_pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-writeback")
+        fut = self._wb_pool.submit(self.nvme.put_many, items)
+        del items
+        self._wb = (fut, t, blocks)
+        if self.on_writeback_done is not None:
+            fut.add_done_callback(lambda _: self.on_writeback_done())
+        return True
+
+    def _writeback_finish(self) -> None:
+        """Move the written blocks to the NVMe tier (main thread). One that was taken back meanwhile (hit
+        back into its policy, pinned, being read) stays in memory with its disk copy; if the write failed,
+        each goes the synchronous way."""
+        fut, t, blocks = self._wb
+        self._wb = None
+        for b in blocks:
+            b.writeback = False
+        try:
+            fut.result()
+            ok = True
+        except Exception as e:   # noqa: BLE001 - any failure: demote them one by one instead
+            log.warning("writeback of %d blocks from %s failed (%s); demoting them one by one", len(blocks),
+                        self.tiers[t].name, e)
+            ok = False
+        self.counters["writeback_blocks"] += len(blocks) if ok else 0
+        for b in blocks:
+            if self.blocks.get(b.key) is not b:
+                if ok and b.key not in self.blocks:   # gone meanwhile (cannot happen: _settle): no orphan on disk
+                    self.nvme.delete(b.key)
+                continue
+            if ok:
+                b.nvme_copy = True
+            if b.tier != t or b.pins or b.leases or self.policies[t].contains(b.bid):
+                if b.leases or b.pins:
+                    b.out_of_policy = True   # re-offered when released / unpinned
+                continue
+            self._demote(b, "reclaim")
+
+    def _settle(self, b: Block) -> None:
+        """Before b's memory may be freed or b moved: wait for a writeback that is reading it (rare: a victim
+        being written is out of every policy's reach; a client delete, a promotion or kvctl evict of it)."""
+        if b.writeback:
+            self.writeback_wait()
+
+    @property
+    def writeback_busy(self) -> bool:
+        return self._wb is not None
+
+    def writeback_wait(self) -> None:
+        """Wait for the writeback in flight, if any, and finish it."""
+        if self._wb is not None:
+            futures.wait([self._wb[0]])
+            self._writeback_finish()
 
     def _store(self, t: int, b: Block, payload) -> None:
         """Write payload into tier t (making room there first); payload may be a function that fills the
@@ -436,6 +608,11 @@ class Engine:
 
     def _demote(self, b: Block, reason: str) -> None:
         """Move b one tier down (or drop it from the last tier). b is already out of its policy."""
+        src = b.tier
+        if b.writeback:
+            self.writeback_wait()
+            if b.tier != src or self.blocks.get(b.key) is not b:
+                return   # the writeback moved it down just now: that was this demotion
         src = b.tier
         dst = src + 1
         if dst >= len(self.tiers):
@@ -496,6 +673,7 @@ class Engine:
             self._admit(b.tier, b, lambda p: p.admit_demoted(b.bid, None))
 
     def _drop(self, b: Block, reason: str) -> None:
+        self._settle(b)
         src = b.tier
         if self.cluster is not None:
             self.cluster.on_evict(b, src, reason)   # leaving this host: the policy may publish it first
@@ -524,6 +702,7 @@ class Engine:
     def _promote(self, b: Block, reason: str) -> bool:
         """Bring b up to the first memory tier with room (the first tier, else the next ones above it);
         False if none has room (b stays where it is). The caller hands b to its new tier's policy."""
+        self._settle(b)
         src = b.tier
         if src == 0:
             return True
@@ -920,26 +1099,35 @@ class Engine:
                 log.exception("deferred policy work")
 
     def _spill_many(self, staged: list) -> bool:
-        """Write a durable batch through to NVMe as one group commit (one log flush; see NvmeTier.put_many);
-        False if that did not work out (nothing of it acknowledged): the caller goes block by block."""
-        if any(self._quant_layout(b) for _, b in staged):
+        """Write a durable batch through to NVMe as one group commit; False if that did not work out (nothing
+        of it acknowledged): the caller goes block by block."""
+        blocks = [b for _, b in staged]
+        for b in blocks:
+            b.durable = True
+        return self._nvme_put_many(blocks)
+
+    def _nvme_put_many(self, blocks: list) -> bool:
+        """Copy blocks to NVMe as one group commit (one log flush; see NvmeTier.put_many) and mark them
+        nvme_copy; False if that did not work out (none of them written)."""
+        if any(self._quant_layout(b) for b in blocks):
             return False   # quantised blocks go one by one: each may be refused over the bound and retried
         items = []
-        for key, b in staged:
-            b.durable = True
-            header = self._nvme_header(b)
-            if len(header) > NVME_HEADER_MAX:
-                return False
-            items.append((key, self._read(b.tier, b), header))
         try:
+            for b in blocks:
+                header = self._nvme_header(b)
+                if len(header) > NVME_HEADER_MAX:
+                    return False
+                v = self._read(b.tier, b)
+                # O_DIRECT straight from managed (GPU) memory is not portable: copy those out first
+                items.append((b.key, bytes(v) if self.tiers[b.tier].kind == "gpu" else v, header))
             self._room(len(self.tiers) - 1, 0)
             self.nvme.put_many(items)
         except OSError as e:
-            log.debug("group write-through of %d blocks failed (%s); one by one", len(items), e)
+            log.debug("group write of %d blocks to NVMe failed (%s); one by one", len(blocks), e)
             return False
         finally:
             del items
-        for _, b in staged:
+        for b in blocks:
             b.nvme_copy = True
         return True
 
@@ -1112,12 +1300,14 @@ class Engine:
 
     def evict(self, block: str) -> dict:
         b = self.find(block)
-        if b.pins or b.leases:
-            raise err(errno.EBUSY, f"block {block} is pinned or being read")
         src = b.tier
-        self.policies[src].remove(b.bid)
-        b.out_of_policy = True
-        self._demote(b, "admin")
+        self._settle(b)
+        if b.tier == src and self.blocks.get(b.key) is b:   # (else a reclaim moved it down just now)
+            if b.pins or b.leases:
+                raise err(errno.EBUSY, f"block {block} is pinned or being read")
+            self.policies[src].remove(b.bid)
+            b.out_of_policy = True
+            self._demote(b, "admin")
         return {"block": block, "from": self.tiers[src].name,
                 "to": self.tiers[b.tier].name if b.key in self.blocks else None}
 
@@ -1140,6 +1330,7 @@ class Engine:
         return d
 
     def set_policy(self, name: str) -> None:
+        self.writeback_wait()   # its blocks are out of the old policy and go to the NVMe one when written
         self.policies = self._make_policies(name)
         self.policy_name = name
         self.readmit_all()
@@ -1152,6 +1343,7 @@ class Engine:
                 self._put_back(b)
 
     def set_limits(self, limits: list[int]) -> None:
+        self.writeback_wait()
         for t, lim in enumerate(limits):
             self.limit_bytes[t] = min(lim, self.tiers[t].capacity_bytes)
             for v in self.policies[t].resize(self._capacity_blocks(t)):
@@ -1188,6 +1380,7 @@ class Engine:
                          # read from the metrics thread
                          "used_bytes": tier.used_bytes, "blocks": len(tier),
                          "hits": self.hits_by_tier[t], "backend": getattr(tier, "backend", "file"),
+                         "free_target_bytes": self.free_target[t],
                          "backend_note": getattr(tier, "backend_note", "")})
             if getattr(tier, "backend", "") == "memfd":   # 2 MiB pages under the arenas only where not "never"
                 rows[-1]["shmem_thp"] = shmem_thp_mode()
@@ -1220,6 +1413,7 @@ class Engine:
         first, only into the NVMe tier's free room (what is on disk is not evicted for them), group-committed in
         batches, until budget_s runs out. Blocks stay where they are: this only adds disk copies."""
         t0 = time.monotonic()
+        self.writeback_wait()
         out = {"blocks": 0, "bytes": 0, "left": 0, "seconds": 0.0}
         if self.nvme is None:
             return out
@@ -1266,6 +1460,12 @@ class Engine:
         return out
 
     def close(self) -> None:
+        try:
+            self.writeback_wait()
+        except Exception as e:   # closing must go on
+            log.warning("writeback at close: %s", e)
+        if self._wb_pool is not None:
+            self._wb_pool.shutdown()
         if self.cluster is not None:
             self.cluster.close()
         for t in self.tiers:

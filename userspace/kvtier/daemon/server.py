@@ -162,6 +162,7 @@ class Server:
         self.metrics = metrics
         self.tiers = build_tiers(cfg)
         self.engine = Engine(cfg, self.tiers, metrics)
+        self.engine.on_writeback_done = self._wake   # a reclaim batch is on disk: move it (Engine.reclaim)
         self.engine.defer_policy = True   # policy bookkeeping after the reply: see Engine.run_deferred
         from kvtier.daemon.heat import Heat   # eBPF access heat: loads in the background, optional
         self.heat = Heat(self.engine, getattr(cfg, "probes", None))
@@ -250,21 +251,26 @@ class Server:
         self.collector.start()
         spin_s = self.cfg.busy_poll_us / 1e6
         spin_until = 0.0
+        reclaim = False   # a memory tier is refilling its free target (Engine.reclaim): one batch per turn
         while self.running:
             timeout = min(PREFETCH_EVERY_S, ping_s) if ping_s else PREFETCH_EVERY_S
             if self.heat.probes is not None:
                 timeout = min(timeout, self.heat.interval_s)
-            if spin_until:
+            if spin_until or reclaim:
                 # busy-poll right after a request: the next one usually follows within microseconds
                 events = self.sel.select(0)
                 if not events:
+                    if reclaim:
+                        reclaim = self._reclaim()   # idle: a batch, then look for requests again
+                        continue
                     if time.perf_counter() < spin_until:
                         continue
                     spin_until = 0.0
                     events = self.sel.select(timeout)
             else:
                 events = self.sel.select(timeout)
-            if spin_s and events:
+            if spin_s and events and not self.engine.writeback_busy:
+                # (not while the writer thread works: on a small machine spinning would take its CPU)
                 spin_until = time.perf_counter() + spin_s
             for key, _ in events:
                 if key.data is None:
@@ -280,6 +286,8 @@ class Server:
                     except Exception:   # one connection's failure never takes the daemon down
                         log.exception("connection of pid %d", key.data.pid)
                         self._close(key.data)
+            if events:
+                reclaim = self._reclaim()   # keeps pace with puts: a batch after each turn that served requests
             if self.reload_wanted:
                 self.reload_wanted = False
                 self.reload()
@@ -295,6 +303,20 @@ class Server:
                     log.exception("prefetch")
             self.heat.tick(now)   # eBPF heat -> per-block EMA and policy.touch(), every [probes] interval_ms
         self.shutdown()
+
+    def _wake(self) -> None:
+        """From another thread: make serve_forever look around (select returns)."""
+        try:
+            self.wake_w.send(b"w")
+        except OSError:
+            pass   # full: a wake-up is pending anyway
+
+    def _reclaim(self) -> bool:
+        try:
+            return self.engine.reclaim()
+        except Exception:   # a failed demotion is logged where it happens; never stop serving for it
+            log.exception("reclaim")
+            return False
 
     def shutdown(self) -> None:
         sd_notify("STOPPING=1")
@@ -349,6 +371,7 @@ class Server:
             self._set_policy(new.policy)
         self.cfg.gc_freeze = self.collector.freeze = new.gc_freeze
         self.engine.set_limits([t.capacity_bytes for t in new.tiers])
+        self.engine.set_free_targets([t.free_target_bytes for t in new.tiers])
         log.info("reloaded %s: policy %s, capacities %s", self.config_path or "(embedded default)", new.policy,
                  [t.capacity_bytes for t in new.tiers])
 

@@ -140,16 +140,24 @@ def test_free_target_zero_demotes_in_the_put():
         e.close()
 
 
-def _gated(e: Engine) -> threading.Event:
-    """Hold the writer thread's group commits until the event is set."""
-    gate = threading.Event()
+def _in_writer(e: Engine, hook) -> None:
+    """Run hook(items) in the writer thread before each of its group commits (the main thread's go straight on)."""
     orig = e.nvme.put_many
 
     def put_many(items, *a, **kw):
         if threading.current_thread() is not threading.main_thread():
-            assert gate.wait(30)
+            hook(items)
         return orig(items, *a, **kw)
     e.nvme.put_many = put_many
+
+
+def _gated(e: Engine) -> threading.Event:
+    """Hold the writer thread's group commits until the event is set."""
+    gate = threading.Event()
+
+    def wait(_items):
+        assert gate.wait(30)
+    _in_writer(e, wait)
     return gate
 
 
@@ -218,15 +226,13 @@ def test_a_failed_writeback_demotes_one_by_one():
     d = short_dir()
     e = _engine(d)
     try:
-        orig = e.nvme.put_many
         failed = []
 
-        def put_many(items, *a, **kw):
-            if not failed and threading.current_thread() is not threading.main_thread():
+        def fail_once(items):
+            if not failed:
                 failed.append(len(items))
                 raise OSError(5, "injected I/O error")
-            return orig(items, *a, **kw)
-        e.nvme.put_many = put_many
+        _in_writer(e, fail_once)
         for h in range(24):
             _put(e, h)
             _reclaim_all(e)

@@ -370,7 +370,7 @@ def _tiers(spec, state_dir: str, w: str, absent: list | None = None) -> list[Tie
         if "capacity" not in t:
             raise InputError(f"{where}capacity: missing")
         tc = TierConfig(name, kind, 0)
-        if kind == "gpu" and "free_target" in t:
+        if kind in ("gpu", "nvme") and "free_target" in t:
             raise InputError(f"{where}free_target: only memory tiers (dram, cxl) are reclaimed into a tier below")
         if kind == "gpu":   # kvtier.cuda.config: device, optional, capacity within the GPU's free memory
             if out and out[-1].kind != "gpu":
@@ -421,8 +421,6 @@ def _tiers(spec, state_dir: str, w: str, absent: list | None = None) -> list[Tie
                                                 tc.capacity_bytes)
         if kind == "nvme" and "prefault" in t:
             raise InputError(f"{where}prefault: only memory tiers (dram, cxl) are prefaulted")
-        if kind == "nvme" and "free_target" in t:
-            raise InputError(f"{where}free_target: only memory tiers (dram, cxl) are reclaimed into a tier below")
         out.append(tc)
     if not out or all(t.kind == "gpu" for t in out if t.kind != "nvme"):
         raise InputError(f"{w}tiers: a dram or cxl tier is needed (clients put and read through host memory; "

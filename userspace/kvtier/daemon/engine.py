@@ -438,12 +438,12 @@ class Engine:
 
     def set_free_targets(self, targets: list) -> None:
         """The bytes reclaim() keeps free in each memory tier that has a tier below it (0: off)."""
-        targets = list(targets)[:len(self.tiers)]
+        targets = (list(targets) + [0] * len(self.tiers))[:len(self.tiers)]
         self.free_target = [0 if t + 1 >= len(self.tiers) or t >= self.mem_count or self.tiers[t].kind == "gpu"
                             else min(int(n or 0), self.limit_bytes[t] // 2) for t, n in enumerate(targets)]
         # a tier under its (new) target refills it at once, not only once it falls under half of it
         self._reclaiming = [bool(n) and self.limit_bytes[t] - self.tiers[t].used_bytes < n
-                            for t, n in enumerate(self.free_target)] + [False] * (len(self.tiers) - len(targets))
+                            for t, n in enumerate(self.free_target)]
 
     def reclaim(self, batch_bytes: int = RECLAIM_BATCH_BYTES) -> bool:
         """Background demotion, as kswapd does for the kernel: a memory tier whose free bytes fell under half
@@ -471,8 +471,9 @@ class Engine:
                 continue
             self.counters["reclaim_batches"] += 1
             later = []
+            to_nvme = self._to_nvme(t)
             for b in victims:
-                if self._to_nvme(t) and not b.nvme_copy and b.nbytes and self._quant_layout(b) is None:
+                if to_nvme and not b.nvme_copy and b.nbytes and self._quant_layout(b) is None:
                     later.append(b)
                 else:
                     self._demote(b, "reclaim")   # to a memory tier (a copy), or already on disk: now
@@ -485,18 +486,15 @@ class Engine:
         """Hand tier t's victims to the writer thread as one NVMe group commit. They stay where they are,
         readable, until it is done; anything that would free or move one first waits for it (_settle).
         False if they were demoted here instead (no room on disk without evicting for them now)."""
-        items = []
         try:
-            for b in blocks:
-                header = self._nvme_header(b)
-                if len(header) > NVME_HEADER_MAX:
-                    raise err(errno.E2BIG, "header")
-                items.append((b.key, self._read(t, b), header))
+            items = self._nvme_items(blocks)
+            if items is None:
+                raise err(errno.E2BIG, f"a header over {NVME_HEADER_MAX} bytes")
             # room on disk now, in this thread: the writer only writes
             self._room(len(self.tiers) - 1, sum(_extent_bytes(b.nbytes) for b in blocks))
         except OSError as e:
             log.debug("writeback of %d blocks from %s: %s; demoting them now", len(blocks), self.tiers[t].name, e)
-            items.clear()   # (views of arena memory)
+            items = None   # (views of arena memory)
             for b in blocks:
                 if self.blocks.get(b.key) is b and b.tier == t:
                     self._demote(b, "reclaim")
@@ -1111,15 +1109,11 @@ class Engine:
         nvme_copy; False if that did not work out (none of them written)."""
         if any(self._quant_layout(b) for b in blocks):
             return False   # quantised blocks go one by one: each may be refused over the bound and retried
-        items = []
+        items = None
         try:
-            for b in blocks:
-                header = self._nvme_header(b)
-                if len(header) > NVME_HEADER_MAX:
-                    return False
-                v = self._read(b.tier, b)
-                # O_DIRECT straight from managed (GPU) memory is not portable: copy those out first
-                items.append((b.key, bytes(v) if self.tiers[b.tier].kind == "gpu" else v, header))
+            items = self._nvme_items(blocks)
+            if items is None:
+                return False
             self._room(len(self.tiers) - 1, 0)
             self.nvme.put_many(items)
         except OSError as e:
@@ -1130,6 +1124,23 @@ class Engine:
         for b in blocks:
             b.nvme_copy = True
         return True
+
+    def _nvme_payload(self, b: Block):
+        """b's bytes to write to NVMe: its memory tier's view (O_DIRECT straight from managed (GPU) memory is
+        not portable: those are copied out first)."""
+        v = self._read(b.tier, b)
+        return bytes(v) if self.tiers[b.tier].kind == "gpu" else v
+
+    def _nvme_items(self, blocks: list) -> list | None:
+        """NvmeTier.put_many items [(key, payload, header)] for blocks; None if a header is over
+        NVME_HEADER_MAX (the store keeps no more apart from the data: those go one by one)."""
+        items = []
+        for b in blocks:
+            header = self._nvme_header(b)
+            if len(header) > NVME_HEADER_MAX:
+                return None
+            items.append((b.key, self._nvme_payload(b), header))
+        return items
 
     def get(self, tenant: str, sid, hashes: list) -> tuple[int, list, list]:
         s = self._session(tenant, sid)
@@ -1437,16 +1448,12 @@ class Engine:
             if not batch:
                 break
             plain = [b for b in batch if self._quant_layout(b) is None]
-
-            def data(b):   # O_DIRECT straight from managed (GPU) memory is not portable: copy those out first
-                v = self._read(b.tier, b)
-                return bytes(v) if self.tiers[b.tier].kind == "gpu" else v
             try:
                 if plain:
-                    self.nvme.put_many([(b.key, data(b), self._nvme_header(b)) for b in plain])
+                    self.nvme.put_many([(b.key, self._nvme_payload(b), self._nvme_header(b)) for b in plain])
                 for b in batch:
                     if b not in plain:
-                        self._nvme_put(b, data(b), self._nvme_header(b))
+                        self._nvme_put(b, self._nvme_payload(b), self._nvme_header(b))
             except OSError as e:
                 log.warning("flush for restart stopped: %s", e)
                 break

@@ -13,7 +13,7 @@ import pytest
 from daemon_proc import running_daemon, short_dir
 from kvtier.client import Client
 from kvtier.daemon import config as config_mod
-from kvtier.daemon.engine import Engine, derive_key
+from kvtier.daemon.engine import WRITEBACK_DEPTH, Engine, derive_key
 from kvtier.daemon.server import build_tiers
 from kvtier.errors import InputError
 from kvtier.store.base import Slot
@@ -174,6 +174,41 @@ def _start_writeback(e: Engine) -> list[int]:
             break
     assert e.writeback_busy
     return [h for h in range(100, 140) if _block(e, h) is not None and _block(e, h).writeback]
+
+
+def test_a_put_into_a_full_tier_waits_for_the_writeback_instead_of_writing_beside_it():
+    """Puts faster than the disk: up to WRITEBACK_DEPTH batches wait for the writer, and a put that then finds no
+    room waits for the oldest to be written and moved (as the kernel throttles a task on dirty pages); it never
+    writes victims of its own beside the writer."""
+    d = short_dir()
+    e = _engine(d, free_target="2MiB")
+    try:
+        gate = _gated(e)
+        in_main = []
+        inner = e.nvme.put_many
+
+        def put_many(items, *a, **kw):
+            if threading.current_thread() is threading.main_thread():
+                in_main.append(len(items))
+            return inner(items, *a, **kw)
+        e.nvme.put_many = put_many
+        h = 100
+        while _free(e) >= BLOCK:
+            _put(e, h)
+            e.reclaim()
+            h += 1
+        assert e.writeback_batches == WRITEBACK_DEPTH
+        threading.Timer(0.3, gate.set).start()
+        t0 = time.monotonic()
+        _put(e, h)   # no room: waits for the oldest batch
+        assert time.monotonic() - t0 >= 0.2
+        assert not in_main and {m["reason"] for m in e.moves} == {"reclaim"}
+        _reclaim_all(e)
+        assert e.counters["writeback_blocks"] >= 4 and not in_main
+        for k in range(100, h + 1):
+            assert _read(e, k)[0] == _content(k), k
+    finally:
+        e.close()
 
 
 def test_blocks_being_written_are_served_and_wait_to_be_deleted_or_evicted():

@@ -43,6 +43,7 @@ NVME_MAGIC = b"KVB1"
 NVME_HEADER_MAX = 4096   # NvmeTier stores a header up to this size apart from the data
 NVME_UNIT_BYTES = 4096   # NvmeTier's extent unit: a block takes a header unit and its data rounded up to units
 RECLAIM_BATCH_BYTES = 8 << 20   # one step of background reclaim: ~2-3 ms of disk here, then requests again
+WRITEBACK_DEPTH = 2   # reclaim batches queued for the writer thread: the next is ready when one is done
 STATES = {"prefilling": SessionState.PREFILL, "decoding": SessionState.DECODE, "idle": SessionState.IDLE,
           "finished": SessionState.FINISHED, "resume": SessionState.IDLE}
 BLOCK_TYPES = {t.name.lower(): int(t) for t in BlockType}
@@ -160,8 +161,8 @@ class Engine:
         self.hits_by_tier = [0] * len(tiers)
         self.evictions: dict[str, int] = {}
         self.set_free_targets([getattr(tc, "free_target_bytes", 0) for tc in cfg.tiers])
-        self._wb = None        # the writeback in flight: (future, tier, [Block]) (reclaim)
-        self._wb_pool = None   # its one writer thread, started on first use
+        self._wb: deque = deque()   # writebacks in flight, oldest first: (future, tier, [Block], bytes) (reclaim)
+        self._wb_pool = None        # their one writer thread, started on first use
         self.on_writeback_done = None   # called from the writer thread when a writeback is done (wakes the server)
         self._ids = itertools.count(1)
         self._req_index = 0
@@ -382,6 +383,11 @@ class Engine:
         """Demote victims of tier t's policy until nbytes more fit under its limit (ENOSPC if they cannot)."""
         tier = self.tiers[t]
         while tier.used_bytes + nbytes > self.limit_bytes[t]:
+            if self._wb and self._wb[0][1] == t:
+                # reclaim is writing this tier's victims: wait for them (as the kernel throttles a writer on
+                # dirty pages) rather than write more of our own beside the writer
+                self._writeback_finish()
+                continue
             if not self._demote_batch(t, tier.used_bytes + nbytes - self.limit_bytes[t], reason):
                 raise err(errno.ENOSPC, f"tier {tier.name}: no room for {nbytes} bytes: "
                                         f"every block is pinned or being read")
@@ -451,19 +457,21 @@ class Engine:
         So a put finds room without waiting for the disk, and the disk gets batches with one flush each.
         A batch bound for NVMe is written by a thread (writeback) while requests go on; it moves when the
         write is done (_writeback_finish). The server calls this after requests, while idle and when
-        on_writeback_done wakes it; True while a tier wants another batch at once."""
-        if self._wb is not None:
-            if not self._wb[0].done():
-                return False   # its completion wakes the server
+        on_writeback_done wakes it; True while a tier wants another batch at once. Up to WRITEBACK_DEPTH
+        batches wait for the writer, so the disk does not wait for the server to pick the next one."""
+        while self._wb and self._wb[0][0].done():
             self._writeback_finish()
         more = False
         for t, target in enumerate(self.free_target):
             if not target:
                 continue
-            free = self.limit_bytes[t] - self.tiers[t].used_bytes
+            free = self._free_bytes(t)
             if free >= target or (free >= target // 2 and not self._reclaiming[t]):
                 self._reclaiming[t] = False
                 continue
+            to_nvme = self._to_nvme(t)
+            if to_nvme and len(self._wb) >= WRITEBACK_DEPTH:
+                continue   # the writer has enough: a completion wakes the server
             self._reclaiming[t] = True
             victims = self._victims(t, min(batch_bytes, target - free))
             if not victims:
@@ -471,16 +479,19 @@ class Engine:
                 continue
             self.counters["reclaim_batches"] += 1
             later = []
-            to_nvme = self._to_nvme(t)
             for b in victims:
                 if to_nvme and not b.nvme_copy and b.nbytes and self._quant_layout(b) is None:
                     later.append(b)
                 else:
                     self._demote(b, "reclaim")   # to a memory tier (a copy), or already on disk: now
-            if later and self._writeback_start(t, later):
-                return False
-            more = more or self.limit_bytes[t] - self.tiers[t].used_bytes < target
+            if later:
+                self._writeback_start(t, later)
+            more = more or (self._free_bytes(t) < target and not (to_nvme and len(self._wb) >= WRITEBACK_DEPTH))
         return more
+
+    def _free_bytes(self, t: int) -> int:
+        """Tier t's free bytes for reclaim: those of blocks being written count, as they will be once written."""
+        return self.limit_bytes[t] - self.tiers[t].used_bytes + sum(w[3] for w in self._wb if w[1] == t)
 
     def _writeback_start(self, t: int, blocks: list) -> bool:
         """Hand tier t's victims to the writer thread as one NVMe group commit. They stay where they are,
@@ -490,8 +501,9 @@ class Engine:
             items = self._nvme_items(blocks)
             if items is None:
                 raise err(errno.E2BIG, f"a header over {NVME_HEADER_MAX} bytes")
-            # room on disk now, in this thread: the writer only writes
-            self._room(len(self.tiers) - 1, sum(_extent_bytes(b.nbytes) for b in blocks))
+            # room on disk now, in this thread, for this batch and those still in flight (the writer only writes)
+            self._room(len(self.tiers) - 1, sum(_extent_bytes(b.nbytes) for b in blocks) +
+                       sum(_extent_bytes(b.nbytes) for w in self._wb for b in w[2]))
         except OSError as e:
             log.debug("writeback of %d blocks from %s: %s; demoting them now", len(blocks), self.tiers[t].name, e)
             items = None   # (views of arena memory)
@@ -505,17 +517,17 @@ class Engine:
             self._wb_pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-writeback")
         fut = self._wb_pool.submit(self.nvme.put_many, items)
         del items
-        self._wb = (fut, t, blocks)
+        self._wb.append((fut, t, blocks, sum(b.nbytes or 0 for b in blocks)))
         if self.on_writeback_done is not None:
             fut.add_done_callback(lambda _: self.on_writeback_done())
         return True
 
     def _writeback_finish(self) -> None:
-        """Move the written blocks to the NVMe tier (main thread). One that was taken back meanwhile (hit
-        back into its policy, pinned, being read) stays in memory with its disk copy; if the write failed,
-        each goes the synchronous way."""
-        fut, t, blocks = self._wb
-        self._wb = None
+        """Wait for the oldest writeback and move its blocks to the NVMe tier (main thread). One that was
+        taken back meanwhile (hit back into its policy, pinned, being read) stays in memory with its disk
+        copy; if the write failed, each goes the synchronous way."""
+        fut, t, blocks, _ = self._wb.popleft()
+        futures.wait([fut])
         for b in blocks:
             b.writeback = False
         try:
@@ -547,12 +559,16 @@ class Engine:
 
     @property
     def writeback_busy(self) -> bool:
-        return self._wb is not None
+        return bool(self._wb)
+
+    @property
+    def writeback_batches(self) -> int:
+        """Reclaim batches in flight (written, or waiting for the writer)."""
+        return len(self._wb)
 
     def writeback_wait(self) -> None:
-        """Wait for the writeback in flight, if any, and finish it."""
-        if self._wb is not None:
-            futures.wait([self._wb[0]])
+        """Wait for the writebacks in flight, if any, and finish them."""
+        while self._wb:
             self._writeback_finish()
 
     def _store(self, t: int, b: Block, payload) -> None:

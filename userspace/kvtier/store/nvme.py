@@ -78,6 +78,8 @@ _MAGIC1 = b"KVI1"
 assert REC_BYTES == 80 and _REC1.size + 8 == REC_BYTES
 MAX_HEADER = UNIT_BYTES  # a header lives in the extent's first unit
 CHUNK_BYTES = 8 << 20   # bounce copies of unaligned data go in chunks, overlapping the previous chunk's write
+RUN_BYTES_MAX = 32 << 20   # adjacent extents of a group commit written by one pwritev, up to this much
+RUN_IOV_MAX = 768          # and this many iovecs (IOV_MAX is 1024)
 LOG_STEP_BYTES = REC_BYTES * 13108   # the index log is pre-extended with zeros ~1 MiB (whole records) at a time
 _ZERO_REC = bytes(REC_BYTES)
 SYNC_FILE_RANGE_WRITE = 2   # start writeback of the range, do not wait for it
@@ -574,8 +576,7 @@ class NvmeTier(Tier):
                 with self._lock:
                     overlap = self._committed(extents)
                 if not overlap:
-                    for p in done:
-                        self._write_pending(p)
+                    self._write_all(done)
                     self._sync_data(extents)
                 with self._lock:   # the records and the index change together
                     if overlap:
@@ -618,8 +619,7 @@ class NvmeTier(Tier):
         if _libc.sync_file_range(self._log_fd, self._log_end, len(data), SYNC_FILE_RANGE_WRITE) == 0:
             self._stats["log_writeback_early"] += 1   # else (not supported): fdatasync writes it, as before
         try:
-            for p in done:
-                self._write_pending(p)
+            self._write_all(done)
         except BaseException:
             self._log_unwrite(len(data))
             raise
@@ -664,6 +664,57 @@ class NvmeTier(Tier):
                 raise enospc(self.name, stored, self._alloc.used_bytes, self.capacity_bytes)
         rec.offset = offset
         return _Pending(key, rec, src.nbytes, head if hlen else None, blob)
+
+    def _write_all(self, done: list[_Pending]) -> None:
+        """Write a group commit's extents (not yet synced). Adjacent ones whose data O_DIRECT can take as it is
+        go out as one pwritev: the device gets a few large requests rather than two per block (a 1 MiB block
+        and its header unit span 257 pages, over a virtio disk's 254 segments); 1 MiB blocks from a memfd
+        arena here: ~270 us per block merged, ~320 one by one."""
+        run: list[_Pending] = []
+        end = size = iovs = 0
+        for p in sorted(done, key=lambda p: p.rec.offset):
+            n = p.blob.nbytes
+            if not (self.io_mode == "direct" and n and self._aligned(p.blob)):
+                self._write_pending(p)
+                continue
+            if run and (p.rec.offset != end or size + n > RUN_BYTES_MAX or iovs + 3 > RUN_IOV_MAX):
+                self._write_run(run)
+                run, size, iovs = [], 0, 0
+            run.append(p)
+            end = p.rec.offset + _round_up(p.rec.stored_length)
+            size += n
+            iovs += 3
+        if run:
+            self._write_run(run)
+
+    def _write_run(self, run: list[_Pending]) -> None:
+        """Write adjacent extents of aligned data in one pwritev: each [header unit][data][zero-padded last unit]."""
+        if len(run) == 1:
+            self._write_pending(run[0])
+            return
+        units = self._buffer(UNIT_BYTES * 2 * len(run), "units")   # header and tail units, each its own
+        iov, u = [], 0
+        for p in run:
+            n = p.blob.nbytes
+            main = n - n % UNIT_BYTES
+            if p.head is not None:
+                unit = units[u:u + UNIT_BYTES]
+                u += UNIT_BYTES
+                unit[:p.head.nbytes] = p.head
+                unit[p.head.nbytes:] = bytes(UNIT_BYTES - p.head.nbytes)
+                iov.append(unit)
+            if main:
+                iov.append(p.blob[:main])
+            if main < n:
+                tail = units[u:u + UNIT_BYTES]
+                u += UNIT_BYTES
+                tail[:n - main] = p.blob[main:]
+                tail[n - main:] = bytes(UNIT_BYTES - (n - main))
+                iov.append(tail)
+        total = sum(v.nbytes for v in iov)
+        self._pwritev_all(iov, run[0].rec.offset, total)
+        for p in run:
+            p.head = p.blob = None
 
     def _write_pending(self, p: _Pending) -> None:
         """Write a prepared block's extent (not yet synced); put_many frees the extent on an error."""

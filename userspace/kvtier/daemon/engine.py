@@ -466,9 +466,12 @@ class Engine:
             if not target:
                 continue
             free = self._free_bytes(t)
-            if free >= target or (free >= target // 2 and not self._reclaiming[t]):
-                self._reclaiming[t] = False
+            if self.limit_bytes[t] - self.tiers[t].used_bytes >= target or \
+                    (free >= target // 2 and not self._reclaiming[t]):
+                self._reclaiming[t] = False   # refilled (written, not only being written), or not yet due
                 continue
+            if free >= target:
+                continue   # the rest is being written: its completion wakes the server, and the refill goes on
             to_nvme = self._to_nvme(t)
             if to_nvme and len(self._wb) >= WRITEBACK_DEPTH:
                 continue   # the writer has enough: a completion wakes the server

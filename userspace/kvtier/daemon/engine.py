@@ -496,10 +496,10 @@ class Engine:
         """Tier t's free bytes for reclaim: those of blocks being written count, as they will be once written."""
         return self.limit_bytes[t] - self.tiers[t].used_bytes + sum(w[3] for w in self._wb if w[1] == t)
 
-    def _writeback_start(self, t: int, blocks: list) -> bool:
+    def _writeback_start(self, t: int, blocks: list) -> None:
         """Hand tier t's victims to the writer thread as one NVMe group commit. They stay where they are,
         readable, until it is done; anything that would free or move one first waits for it (_settle).
-        False if they were demoted here instead (no room on disk without evicting for them now)."""
+        If that cannot start (no room on disk without evicting for them now), they are demoted here."""
         try:
             items = self._nvme_items(blocks)
             if items is None:
@@ -513,7 +513,7 @@ class Engine:
             for b in blocks:
                 if self.blocks.get(b.key) is b and b.tier == t:
                     self._demote(b, "reclaim")
-            return False
+            return
         for b in blocks:
             b.writeback = True
         if self._wb_pool is None:
@@ -523,7 +523,6 @@ class Engine:
         self._wb.append((fut, t, blocks, sum(b.nbytes or 0 for b in blocks)))
         if self.on_writeback_done is not None:
             fut.add_done_callback(lambda _: self.on_writeback_done())
-        return True
 
     def _writeback_finish(self) -> None:
         """Wait for the oldest writeback and move its blocks to the NVMe tier (main thread). One that was

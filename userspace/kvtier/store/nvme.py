@@ -688,31 +688,12 @@ class NvmeTier(Tier):
             self._write_run(run)
 
     def _write_run(self, run: list[_Pending]) -> None:
-        """Write adjacent extents of aligned data in one pwritev: each [header unit][data][zero-padded last unit]."""
-        if len(run) == 1:
-            self._write_pending(run[0])
-            return
-        units = self._buffer(UNIT_BYTES * 2 * len(run), "units")   # header and tail units, each its own
-        iov, u = [], 0
-        for p in run:
-            n = p.blob.nbytes
-            main = n - n % UNIT_BYTES
-            if p.head is not None:
-                unit = units[u:u + UNIT_BYTES]
-                u += UNIT_BYTES
-                unit[:p.head.nbytes] = p.head
-                unit[p.head.nbytes:] = bytes(UNIT_BYTES - p.head.nbytes)
-                iov.append(unit)
-            if main:
-                iov.append(p.blob[:main])
-            if main < n:
-                tail = units[u:u + UNIT_BYTES]
-                u += UNIT_BYTES
-                tail[:n - main] = p.blob[main:]
-                tail[n - main:] = bytes(UNIT_BYTES - (n - main))
-                iov.append(tail)
-        total = sum(v.nbytes for v in iov)
-        self._pwritev_all(iov, run[0].rec.offset, total)
+        """Write adjacent extents of aligned data in one pwritev."""
+        units = self._buffer(2 * UNIT_BYTES * len(run), "units")   # each extent's header and last units
+        iov = []
+        for i, p in enumerate(run):
+            iov += self._extent_iov(p.head, p.blob, units[2 * i * UNIT_BYTES:2 * (i + 1) * UNIT_BYTES])
+        self._pwritev_all(iov, run[0].rec.offset, sum(v.nbytes for v in iov))
         for p in run:
             p.head = p.blob = None
 
@@ -739,29 +720,38 @@ class NvmeTier(Tier):
                 raise OSError(errno.ENOSPC, f"tier {self.name}: short write ({done + pos} of {total} bytes): "
                                             "disk full or file size limit")
 
-    def _write_extent(self, offset: int, head: memoryview | None, blob: memoryview) -> None:
-        """Write [header unit][data][zero pad to a unit] at offset: straight from `blob` when it is
-        aligned (or I/O is buffered), else through aligned bounce buffers, chunk by chunk."""
+    def _extent_iov(self, head: memoryview | None, blob: memoryview, units: memoryview) -> list:
+        """The iovecs of [header unit][data][zero pad to a unit] for data that I/O can move as it is (aligned,
+        or buffered I/O); the header unit and the last partial unit are built in `units` (two aligned units)."""
         iov = []
         if head is not None:
-            unit = self._buffer(UNIT_BYTES, "head")
+            unit = units[:UNIT_BYTES]
             unit[:head.nbytes] = head
             unit[head.nbytes:] = bytes(UNIT_BYTES - head.nbytes)
             iov.append(unit)
         n = blob.nbytes
         padded = _round_up(n) if n or head is None else 0
-        total = len(iov) * UNIT_BYTES + padded
+        main = n - n % UNIT_BYTES if self.io_mode == "direct" else n
+        if main:
+            iov.append(blob[:main])
+        if padded > main:   # the last partial unit, zero-padded
+            tail = units[UNIT_BYTES:UNIT_BYTES + padded - main]
+            tail[:n - main] = blob[main:]
+            tail[n - main:] = bytes(padded - n)
+            iov.append(tail)
+        return iov
+
+    def _write_extent(self, offset: int, head: memoryview | None, blob: memoryview) -> None:
+        """Write [header unit][data][zero pad to a unit] at offset: straight from `blob` when it is
+        aligned (or I/O is buffered), else through aligned bounce buffers, chunk by chunk."""
+        n = blob.nbytes
+        padded = _round_up(n) if n or head is None else 0
+        total = (UNIT_BYTES if head is not None else 0) + padded
+        units = self._buffer(2 * UNIT_BYTES, "units")
         if self._aligned(blob):
-            main = n - n % UNIT_BYTES if self.io_mode == "direct" else n
-            if main:
-                iov.append(blob[:main])
-            if padded > main:   # the last partial unit, zero-padded
-                tail = self._buffer(UNIT_BYTES, "tail")[:padded - main]
-                tail[:n - main] = blob[main:]
-                tail[n - main:] = bytes(padded - n)
-                iov.append(tail)
-            self._pwritev_all(iov, offset, total)
+            self._pwritev_all(self._extent_iov(head, blob, units), offset, total)
             return
+        iov = self._extent_iov(head, blob[:0], units) if head is not None else []   # the header unit alone
         if iov:   # header unit first, then the data from the next unit
             self._pwritev_all(iov, offset, total)
             offset += UNIT_BYTES

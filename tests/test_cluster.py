@@ -365,8 +365,7 @@ def test_evicted_reused_blocks_are_published_and_deletes_leave_the_cluster(clust
         kv.put(None, [(0x8100, "prefix", block_bytes(900, BLOCK))])
         assert wait_for(lambda: published(cluster, h1, cluster.status(h1)["counters"]["publishes"]), 5)
         assert wait_for(lambda: kv.contains([0x8100]) == ["dram0"], 5)
-        time.sleep(0.3)   # past the master's read lease (--default_kv_lease_ttl=200 ms)
-        assert kv.delete([0x8100]) == 1
+        assert kv.delete([0x8100]) == 1   # (refused while a read lease is held: retried past its 200 ms TTL)
     with Client(h2.socket, tenant="acme") as kv:
         assert wait_for(lambda: kv.contains([0x8100]) == [None], 5), cluster.status(h1)
 
@@ -514,3 +513,33 @@ def test_fetch_versus_recompute_uses_the_measured_tier():
     t.cfg.fetch = "never"
     assert not t.worth_fetching(1)
     t.close()
+
+
+def test_a_remove_refused_for_a_read_lease_is_retried_with_backoff():
+    """Mooncake refuses a remove while a reader holds a lease (-706): the tier tries again, sooner than the
+    master's default 10 s TTL and more than once, and stops when it is gone."""
+    from kvtier.store.cluster import ClusterConfig, ClusterTier
+
+    class Store:
+        def __init__(self, refusals):
+            self.refusals, self.calls = refusals, []
+
+        def remove(self, okey):
+            self.calls.append(time.monotonic())
+            return -706 if len(self.calls) <= self.refusals else 0
+
+    t = ClusterTier(ClusterConfig(master="127.0.0.1:1", metadata_server="http://127.0.0.1:2/metadata"))
+    try:
+        t._store = store = Store(refusals=3)
+        t0 = time.monotonic()
+        t.remove(b"\x01" * 16)
+        assert wait_for(lambda: len(store.calls) == 4, 5), store.calls
+        time.sleep(0.5)
+        assert len(store.calls) == 4                           # removed: no further tries
+        gaps = [b - a for a, b in zip([t0] + store.calls, store.calls)]
+        assert all(g2 > g1 for g1, g2 in zip(gaps[1:], gaps[2:])), gaps   # backing off
+        assert store.calls[-1] - t0 < 2.0, gaps
+        assert t.stats()["remove_failures"] == 0
+    finally:
+        t._store = None
+        t.close()

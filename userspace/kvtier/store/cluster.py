@@ -49,6 +49,7 @@ HEADER_BYTES = 512
 MAGIC = b"KVC1"
 STAGING_ALIGN_BYTES = 4096
 PUBLISHED_KEPT = 65536        # keys this host published, remembered to skip republishing
+REMOVE_BACKOFF_S, REMOVE_BACKOFF_MAX_S, REMOVE_RETRIES = 0.1, 10.0, 8   # a remove refused for a read lease: ~23 s
 EWMA = 0.2
 # Mooncake's ErrorCode values seen on the Python API (mooncake-store/include/types.h)
 MC_ERRORS = {-200: "no available segment (storage node gone or full)", -600: "buffer too small",
@@ -562,8 +563,9 @@ class ClusterTier(Tier):
         return not self._pending_publish
 
     def remove(self, key: bytes) -> None:
-        """Best effort, asynchronous: a tenant's delete also leaves the cluster (Mooncake refuses while a
-        read lease is held; the object then ages out with the master's eviction)."""
+        """Best effort, asynchronous: a tenant's delete also leaves the cluster. Mooncake refuses while a read
+        lease is held: retried with backoff past the master's lease TTL (10 s by default), after which the
+        object ages out with the master's eviction."""
         if not self.connected:
             return
         okey = self.object_key(key)
@@ -571,18 +573,20 @@ class ClusterTier(Tier):
             self._published.pop(check_key(key), None)
             self._stats["removes"] += 1
 
-        def go(retry: bool):
+        def go(attempt: int):
             store = self._store
             rc = store.remove(okey) if store is not None else 0
-            if rc == -706 and retry:   # a reader's lease: once more after the master's default lease (10 s)
-                t = threading.Timer(10.0, lambda: self.connected and self._worker.submit(lambda: go(False)))
+            if rc == -706 and attempt < REMOVE_RETRIES:
+                # a reader's lease (the master's TTL: 10 s by default, configurable): again after a backoff
+                delay_s = min(REMOVE_BACKOFF_MAX_S, REMOVE_BACKOFF_S * 2 ** attempt)
+                t = threading.Timer(delay_s, lambda: self.connected and self._worker.submit(lambda: go(attempt + 1)))
                 t.daemon = True
                 t.start()
             elif rc not in (0, -704):
                 with self._lock:
                     self._stats["remove_failures"] += 1
                 log.info("cluster tier %s: remove %s: %s", self.name, okey, mc_error(rc))
-        self._worker.submit(lambda: go(True))
+        self._worker.submit(lambda: go(0))
 
     # -- the Tier contract (bytes path: tools and tests; the daemon uses fetch_into / publish) --------
     @property

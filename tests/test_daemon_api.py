@@ -280,6 +280,10 @@ def test_decoding_session_blocks_never_evicted(daemon):
         shared = 1000 + 40 * 4 + 39   # a block of the other session, taken on while decoding: pinned too
         kv.get(hot, [shared])
         assert daemon.stats()["pinned_blocks"] == 5
+        kv.put(hot, [(9000, "tail", block_bytes(9, 16 << 10))])   # put while decoding: pinned
+        assert daemon.stats()["pinned_blocks"] == 6
+        assert kv.delete([9000]) == 1
+        assert daemon.stats()["pinned_blocks"] == 5
         kv.hint(hot, "idle")   # back to the policy: now it may move
         assert daemon.stats()["pinned_blocks"] == 0
         kv.put(other, [(5000 + i, "input", block_bytes(i, 16 << 10)) for i in range(40)])

@@ -150,6 +150,7 @@ class Engine:
         self.limit_bytes = [t.capacity_bytes for t in tiers]
         self.blocks: dict[bytes, Block] = {}
         self.by_bid: dict[int, Block] = {}
+        self.pinned: set[Block] = set()   # blocks with pins (kept so status counts them without a scan)
         self.sessions: dict[int, Session] = {}
         self.pending: dict[int, tuple] = {}   # txn -> (tenant, sid, [(key, Block)], durable)
         self.pending_keys: dict[bytes, int] = {}   # key -> txn reserving it
@@ -709,6 +710,7 @@ class Engine:
 
     def _forget(self, b: Block) -> None:
         self.blocks.pop(b.key, None)
+        self.pinned.discard(b)
         self.by_bid.pop(b.bid, None)
         for sid in b.sessions:
             s = self.sessions.get(sid)
@@ -839,11 +841,14 @@ class Engine:
 
     def _pin(self, b: Block) -> None:
         b.pins += 1
+        self.pinned.add(b)
         self._take_out(b)
 
     def _unpin(self, b: Block) -> None:
         if b.pins > 0:
             b.pins -= 1
+            if not b.pins:
+                self.pinned.discard(b)
         self._put_back(b)
 
     def put_reserve(self, tenant: str, sid, items: list, durable: bool) -> tuple[int, list]:
@@ -1078,6 +1083,7 @@ class Engine:
         for b in blocks:
             if decoding:   # pinned now, not after the reply: a decoding session's blocks are never victims
                 b.pins += 1
+                self.pinned.add(b)
             b.out_of_policy = True   # until the policy has seen it (run_deferred)
         self._policy_work(lambda: self._admit_put(sid, tenant, blocks))
         if failure is not None:
@@ -1426,11 +1432,17 @@ class Engine:
             rows.append(self.cluster.row())
         return rows
 
+    def pinned_blocks(self, tenant: str | None = None) -> int:
+        """Stored blocks with pins (of one tenant). A block replaced by a put of its key leaves the set here."""
+        gone = [b for b in self.pinned if self.blocks.get(b.key) is not b]
+        self.pinned.difference_update(gone)
+        return sum(1 for b in self.pinned if tenant is None or b.tenant == tenant)
+
     def status(self) -> dict:
         gets = self.counters["gets"]
         hits = sum(self.hits_by_tier)
         return {"policy": self.policy_name, "tiers": self.tier_rows(), "sessions": len(self.sessions),
-                "blocks": len(self.blocks), "pinned_blocks": sum(1 for b in self.blocks.values() if b.pins),
+                "blocks": len(self.blocks), "pinned_blocks": self.pinned_blocks(),
                 "counters": dict(self.counters), "evictions": dict(self.evictions),
                 "hit_rate": hits / gets if gets else 0.0,
                 "hit_rate_by_tier": {self.tiers[t].name: (h / gets if gets else 0.0)

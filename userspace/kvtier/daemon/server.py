@@ -786,7 +786,7 @@ class Server:
                             for r in eng.tier_rows()],
                   "sessions": sum(1 for s in eng.sessions.values() if s.tenant == scope),
                   "blocks": sum(1 for b in eng.blocks.values() if b.tenant == scope),
-                  "pinned_blocks": sum(1 for b in eng.blocks.values() if b.tenant == scope and b.pins)}
+                  "pinned_blocks": eng.pinned_blocks(scope)}
         st.update(socket=self.cfg.socket, config=self.cfg.source, pid=os.getpid(), uptime_s=time.time() - self.started,
                   admin=scope is None, absent_tiers=getattr(self.cfg, "absent_tiers", []),
                   module={"device": kmod.DEVICE_PATH, "present": os.path.exists(kmod.DEVICE_PATH),

@@ -9,7 +9,6 @@ import tempfile
 import textwrap
 import time
 
-
 from kvtier.store import NvmeTier
 
 KEYS = 40

@@ -34,14 +34,13 @@ from kvtier.policy.registry import make_policy
 from kvtier.store.base import ErrorBoundExceeded
 from kvtier.store.codec import DTYPES
 from kvtier.store.memory import shmem_thp_mode
+from kvtier.store.nvme import MAX_HEADER as NVME_HEADER_MAX, extent_bytes   # (headers up to it stored apart)
 
 log = logging.getLogger("kvtier.daemon")
 
 MOVES_KEPT = 4096
 PUT_SPARES_MAX = 2048   # spare slots handed out per request
 NVME_MAGIC = b"KVB1"
-NVME_HEADER_MAX = 4096   # NvmeTier stores a header up to this size apart from the data
-NVME_UNIT_BYTES = 4096   # NvmeTier's extent unit: a block takes a header unit and its data rounded up to units
 RECLAIM_BATCH_BYTES = 8 << 20   # one step of background reclaim: ~2-3 ms of disk here, then requests again
 WRITEBACK_DEPTH = 2   # reclaim batches queued for the writer thread: the next is ready when one is done
 STATES = {"prefilling": SessionState.PREFILL, "decoding": SessionState.DECODE, "idle": SessionState.IDLE,
@@ -92,11 +91,6 @@ def _check_layout(layout, nbytes: int):
     if need != nbytes:
         raise err(errno.EINVAL, f"layout: {layout!r} describes {need} bytes, the block has {nbytes}")
     return tuple(layout)
-
-
-def _extent_bytes(nbytes: int) -> int:
-    """The NVMe tier's room for a block of nbytes (header unit + data in whole units)."""
-    return NVME_UNIT_BYTES + -(-nbytes // NVME_UNIT_BYTES) * NVME_UNIT_BYTES
 
 
 class Block:
@@ -506,8 +500,8 @@ class Engine:
             if items is None:
                 raise err(errno.E2BIG, f"a header over {NVME_HEADER_MAX} bytes")
             # room on disk now, in this thread, for this batch and those still in flight (the writer only writes)
-            self._room(len(self.tiers) - 1, sum(_extent_bytes(b.nbytes) for b in blocks) +
-                       sum(_extent_bytes(b.nbytes) for w in self._wb for b in w[2]))
+            self._room(len(self.tiers) - 1, sum(extent_bytes(b.nbytes) for b in blocks) +
+                       sum(extent_bytes(b.nbytes) for w in self._wb for b in w[2]))
         except OSError as e:
             log.debug("writeback of %d blocks from %s: %s; demoting them now", len(blocks), self.tiers[t].name, e)
             items = None   # (views of arena memory)
@@ -630,7 +624,6 @@ class Engine:
             self.writeback_wait()
             if b.tier != src or self.blocks.get(b.key) is not b:
                 return   # the writeback moved it down just now: that was this demotion
-        src = b.tier
         dst = src + 1
         if dst >= len(self.tiers):
             self._drop(b, reason)

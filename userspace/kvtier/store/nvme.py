@@ -179,6 +179,12 @@ def _round_up(n: int) -> int:
     return max(UNIT_BYTES, (n + UNIT_BYTES - 1) // UNIT_BYTES * UNIT_BYTES)
 
 
+def extent_bytes(nbytes: int) -> int:
+    """Room on disk for a block of nbytes stored uncompressed with a header: its header unit and its data in
+    whole units (what put_many allocates for it)."""
+    return _round_up(UNIT_BYTES + nbytes)
+
+
 class _AlignedBuffer:
     """A page-aligned anonymous mapping, grown on demand (O_DIRECT needs aligned memory)."""
 

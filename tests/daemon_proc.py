@@ -84,6 +84,21 @@ def short_dir() -> Path:
     return d
 
 
+def wait_serving(proc: subprocess.Popen, socket_path: str, log: Path, timeout_s: float = 20.0) -> None:
+    """Until the daemon answers on its socket (the socket file appears at bind, before listen: a connect in
+    between is refused), or raise with its log's tail if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"kvtierd exited {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            admin_call(socket_path, "stats")
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"kvtierd did not come up: {log.read_text()[-2000:]}")
+
+
 class Daemon:
     def __init__(self, directory: Path, cfg: Path, log_level="info", env=None):
         self.dir, self.cfg = directory, cfg
@@ -98,16 +113,8 @@ class Daemon:
         self.proc = subprocess.Popen([KVTIERD, "--config", str(self.cfg), "--log-level", self.log_level],
                                      stdout=logf, stderr=logf, env={**os.environ, **(self.env or {})})
         logf.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kvtierd exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                admin_call(self.socket, "stats")
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"kvtierd did not come up: {self.log.read_text()[-2000:]}")
+        wait_serving(self.proc, self.socket, self.log, timeout_s)
+        return self
 
     def stats(self) -> dict:
         return admin_call(self.socket, "stats")

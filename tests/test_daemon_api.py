@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from daemon_proc import (BACKENDS, KVTIERD, Daemon, backend_config, block_bytes, running_daemon, short_dir,
-                         wait_for, write_config)
+                         wait_for, wait_serving, write_config)
 from kvtier.client import Client, DaemonError, admin_call
 
 BLOCK = 16 << 10
@@ -359,7 +359,7 @@ def test_embedded_default_without_config(daemon_dir):
     log = open(daemon_dir / "default.log", "wb")
     p = subprocess.Popen([KVTIERD, "--metrics", ""], env=env, stdout=log, stderr=log)
     try:
-        assert wait_for(lambda: os.path.exists(daemon_dir / "d.sock"), 20)
+        wait_serving(p, str(daemon_dir / "d.sock"), daemon_dir / "default.log")
         with Client(str(daemon_dir / "d.sock"), "acme") as kv:
             kv.put(None, [(1, "prefix", block_bytes(1, 1 << 20))], durable=True)
             assert kv.get(None, [1])[0].tobytes() == block_bytes(1, 1 << 20)

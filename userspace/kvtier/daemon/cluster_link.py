@@ -133,8 +133,7 @@ class ClusterLink:
         b = Block(key, tenant, n, head.get("type"), head.get("meta"), t)
         b.layout = tuple(head["layout"]) if head.get("layout") else None
         b.out_of_policy = True   # the get that fetched it hands it to its tier's policy (or release does)
-        eng.blocks[key] = b
-        eng.by_bid[b.bid] = b
+        eng._add(b)
         eng._log_move(b, None, t, f"fetched from {self.name}")
         self.fetched_now.add(key)
         self.counters["hits"] += 1

@@ -784,8 +784,8 @@ class Server:
             st = {"policy": eng.policy_name, "tenant": scope,
                   "tiers": [{k: r[k] for k in ("name", "kind", "capacity_bytes", "backend", "backend_note")}
                             for r in eng.tier_rows()],
-                  "sessions": sum(1 for s in eng.sessions.values() if s.tenant == scope),
-                  "blocks": sum(1 for b in eng.blocks.values() if b.tenant == scope),
+                  "sessions": eng.tenant_sessions.get(scope, 0),
+                  "blocks": len(eng.of_tenant(scope)),
                   "pinned_blocks": eng.pinned_blocks(scope)}
         st.update(socket=self.cfg.socket, config=self.cfg.source, pid=os.getpid(), uptime_s=time.time() - self.started,
                   admin=scope is None, absent_tiers=getattr(self.cfg, "absent_tiers", []),
@@ -822,7 +822,7 @@ class Server:
                 raise OSError(errno.ENOENT, f"no session {sid}")
             pool = (eng.blocks[k] for k in s.blocks if k in eng.blocks)
         else:
-            pool = eng.blocks.values()
+            pool = (eng.blocks if scope is None else eng.of_tenant(scope)).values()
         names = [t.name for t in self.tiers]
         if tier is not None and tier not in names:
             raise OSError(errno.EINVAL, f"no tier {tier!r}; tiers: {', '.join(names)}")

@@ -47,7 +47,8 @@ def _verify(d: Daemon, acked: dict[int, bool]) -> tuple[int, int]:
         present = [h for h, w in zip(hashes, where) if w is not None]
         for h, w in zip(hashes, where):
             if acked[h]:
-                assert w is not None, f"durable block {h} lost: {len(acked)} acked, {where[:12]} {open(d.log).read()[-800:]}"
+                assert w is not None, \
+                    f"durable block {h} lost: {len(acked)} acked, {where[:12]} {open(d.log).read()[-800:]}"
         got = kv.get(None, present)
         for h, g in zip(present, got):
             assert g is not None, f"block {h} listed but not served"

@@ -77,7 +77,8 @@ def test_tiered_node1_is_a_lower_tier_of_movable_memory():
 
 @pytest.mark.guest
 def test_guest_environment(topology):
-    mounts = {fields[1]: fields[2] for fields in (line.split() for line in Path("/proc/mounts").read_text().splitlines())}
+    mounts = {fields[1]: fields[2]
+              for fields in (line.split() for line in Path("/proc/mounts").read_text().splitlines())}
     expected = {"/": "overlay", str(REPO): "9p", "/proc": "proc", "/sys": "sysfs", "/dev": "devtmpfs",
                 "/dev/pts": "devpts", "/dev/shm": "tmpfs", "/tmp": "tmpfs", "/sys/kernel/tracing": "tracefs",
                 "/sys/kernel/debug": "debugfs", "/sys/fs/bpf": "bpf", "/sys/fs/cgroup": "cgroup2"}

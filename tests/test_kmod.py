@@ -311,8 +311,8 @@ def test_populate_flag_and_region_outlives_fd(kvtier_module):
 @pytest.mark.guest
 def test_discard_frees_pages_and_unmaps_them_everywhere(kvtier_dev):
     """DISCARD gives a block's pages back (allocated_bytes drops by exactly them) and unmaps them in every
-    mapping: a second mapping then reads zeros (first touch, read or write, allocates a zeroed page again). A shared block keeps the
-    pages its sharer still uses; bad ranges are EINVAL."""
+    mapping: a second mapping then reads zeros (first touch, read or write, allocates a zeroed page again).
+    A shared block keeps the pages its sharer still uses; bad ranges are EINVAL."""
     k = kmod()
     block = 8 * PAGE
     region = kvtier_dev.create_region(4 * block, block, node=0)
@@ -410,7 +410,8 @@ def test_migrate_content_residency_counters(kvtier_dev):
     assert info["migrations"] == 8 and info["migrated_bytes"] == 8 * block
     stats1 = kvtier_dev.stats()
     assert stats1["migrated_bytes"] - stats0["migrated_bytes"] == 8 * block
-    assert stats1["nodes"][far]["migrated_in_bytes"] - stats0["nodes"].get(far, {}).get("migrated_in_bytes", 0) == 8 * block
+    far_in0 = stats0["nodes"].get(far, {}).get("migrated_in_bytes", 0)
+    assert stats1["nodes"][far]["migrated_in_bytes"] - far_in0 == 8 * block
     assert stats1["nodes"][0]["migrated_out_bytes"] - stats0["nodes"][0]["migrated_out_bytes"] == 8 * block
     assert int(open(f"/sys/kernel/kvtier/nodes/node{far}/migrated_in_bytes").read()) == \
         stats1["nodes"][far]["migrated_in_bytes"]
@@ -869,7 +870,6 @@ def test_tracepoints_carry_region_session_block(kvtier_dev):
     tracing = "/sys/kernel/tracing"
     if not os.path.isdir(f"{tracing}/events/kvtier"):
         pytest.skip("tracefs not mounted")
-    k = kmod()
 
     def write(path, text):
         with open(f"{tracing}/{path}", "w") as f:

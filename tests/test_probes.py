@@ -246,7 +246,8 @@ def test_sampler_counts_registered_anonymous_ranges():
     h.start(background=False)
     assert fake.ranges[rid] == (4242, 0x7F0000000000, 8 * PAGE, 4 * PAGE)
     anon = fake.constants["ANON_BIT"]
-    fake.entries = [probes.HeatEntry(anon | rid, 0, 1, 3, 0, 1, 1, -1), probes.HeatEntry(anon | rid, 1, 0, 1, 0, 0, 1, -1)]
+    fake.entries = [probes.HeatEntry(anon | rid, 0, 1, 3, 0, 1, 1, -1),
+                    probes.HeatEntry(anon | rid, 1, 0, 1, 0, 0, 1, -1)]
     assert h.tick(now=5.0) == 3 and h.block_info(k2, now=5.0)["touches"] == 3 and h.unmapped == 1
     with pytest.raises(OSError):
         h.register_range(1, 0x1000, PAGE, 100, [])

@@ -31,7 +31,8 @@ CHILD = textwrap.dedent("""
         else:
             out.write(f"B {k} {ver}\\n")
             try:
-                t.put(k.to_bytes(16, "little"), random.Random(ver).randbytes(random.Random(-ver).choice([100, 5000, 65536, 200_000, 1 << 20])))
+                size = random.Random(-ver).choice([100, 5000, 65536, 200_000, 1 << 20])
+                t.put(k.to_bytes(16, "little"), random.Random(ver).randbytes(size))
             except OSError:
                 out.write(f"F {k} {ver}\\n")
                 continue

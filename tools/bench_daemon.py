@@ -259,7 +259,8 @@ def bench_small(sock: str, client_spin_s: float | None = None, daemon_spin_s: fl
         kv.delete([base + i for i in range(n)] + [base + 100_000 + i for i in range(n * 4)])
         spin_us = kv.busy_poll_s * 1e6
     floor = round_trip_floor_us(spin_s=spin_us / 1e6, echo_spin_s=daemon_spin_s)
-    return {"round_trip_floor_us": floor, "client_spin_us": spin_us, "put_us_per_op": put1 * 1e6, "put_pipelined_us_per_op": put_async * 1e6, "get_us_per_op": get1 * 1e6,
+    return {"round_trip_floor_us": floor, "client_spin_us": spin_us, "put_us_per_op": put1 * 1e6,
+            "put_pipelined_us_per_op": put_async * 1e6, "get_us_per_op": get1 * 1e6,
             "contains_us_per_op": cont1 * 1e6,
             "put_us_per_block_batch256": putb * 1e6, "get_us_per_block_batch256": getb * 1e6}
 

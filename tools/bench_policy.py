@@ -80,7 +80,8 @@ def tier_table(name, reqs):
              TierSpec("nvme", int(n * 0.20), *DEFAULT_LINKS["nvme"])]
     print(f"\n== multi-tier {name}: " + ",".join(f"{t.kind}:{t.capacity_blocks}" for t in tiers)
           + " (urgency on: decoding sessions pinned)")
-    print(f"{'policy':>8} {'hit_rate':>9} {'dram':>7} {'cxl':>7} {'nvme':>7} {'ttft_mean_ms':>13} {'ttft_p90_ms':>12} {'vs_lru':>7}")
+    print(f"{'policy':>8} {'hit_rate':>9} {'dram':>7} {'cxl':>7} {'nvme':>7} {'ttft_mean_ms':>13} "
+          f"{'ttft_p90_ms':>12} {'vs_lru':>7}")
     base = None
     for p in ("lru", DEFAULT_POLICY, "opt"):
         d = replay_tiers(reqs, p, tiers).as_dict()

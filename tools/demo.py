@@ -4,9 +4,9 @@ conversation trace carrying real bytes, and show blocks moving between DRAM, CXL
 For each request of the trace (in order): the engine asks kvtierd for the request's prefix blocks (get; every
 block served is checked byte for byte against its deterministic content), "recomputes" the misses and stores
 them (put), marks its session decoding while it generates (its blocks are pinned in DRAM), then idle. A
-session's next turn sends a resume hint first (prefetch; odd sessions only). Tiers are small on purpose, so blocks spill from
-DRAM to the CXL tier (a memfd tier; on a machine without a CXL node it lives on node 0) and to NVMe, and are
-promoted back on hits.
+session's next turn sends a resume hint first (prefetch; odd sessions only). Tiers are small on purpose, so
+blocks spill from DRAM to the CXL tier (a memfd tier; on a machine without a CXL node it lives on node 0) and
+to NVMe, and are promoted back on hits.
 
     tools/demo [--requests N] [--block-kib K] [--trace FILE] [--keep]
 """

@@ -309,7 +309,8 @@ class Client:
         items, views, nbytes, stored = [], [], 0, 0
         for h, btype, data in blocks:
             mv, meta = _meta(data)
-            if items and (nbytes + mv.nbytes > batch or len(items) >= PUT_BATCH):   # reserved slots must fit in memory tiers at once
+            # a message's reserved slots must fit in the memory tiers at once
+            if items and (nbytes + mv.nbytes > batch or len(items) >= PUT_BATCH):
                 stored += self._put(session, items, views, durable, wait)
                 items, views, nbytes = [], [], 0
             item = [h, btype, mv.nbytes, meta]

@@ -13,8 +13,8 @@ from kvtier.cli.status import call, emit, json_option, socket_option
 
 
 def render(r: dict) -> str:
-    rows = [["TIER", "CAPACITY BLOCKS", "RESIDENT"]] + [[t["tier"], str(t["capacity_blocks"]), str(t["resident_blocks"])]
-                                                        for t in r["tiers"]]
+    rows = [["TIER", "CAPACITY BLOCKS", "RESIDENT"]] + \
+        [[t["tier"], str(t["capacity_blocks"]), str(t["resident_blocks"])] for t in r["tiers"]]
     return f"policy {r['policy']}: {r['doc']}\n" + table(rows, right={1, 2})
 
 

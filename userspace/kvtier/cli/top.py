@@ -88,7 +88,8 @@ def render(snap: dict, prev: dict | None = None, width: int = 120) -> str:
 @click.option("--limit", type=click.IntRange(min=1, max=1000), default=10, show_default=True,
               help="Sessions and blocks shown.")
 @click.option("--once", is_flag=True, help="One snapshot, then exit.")
-@click.option("--count", type=click.IntRange(min=1), default=None, help="Refreshes before exiting (default: until Ctrl-C).")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="Refreshes before exiting (default: until Ctrl-C).")
 @socket_option
 @json_option
 def top(interval, limit, once, count, socket_path, as_json):

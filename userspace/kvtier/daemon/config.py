@@ -203,7 +203,8 @@ def _disk_free(path: str) -> int:
 
 def _check_type(d: dict, key: str, types, where: str):
     v = d[key]
-    if not isinstance(v, types) or (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
+    allowed = types if isinstance(types, tuple) else (types,)
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in allowed):
         names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
         raise InputError(f"{where}{key}: expected {names}, got {v!r}")
     return v

@@ -1393,7 +1393,8 @@ class Engine:
             why = f"placed by policy {self.policy_name} of tier {self.tiers[b.tier].name}"
         d["why"] = why
         d["policy"] = _plain(self.policies[b.tier].explain(b.bid) if not b.out_of_policy else
-                             {"policy": self.policy_name, "resident": False, "note": "out of the policy (pinned/leased)"})
+                             {"policy": self.policy_name, "resident": False,
+                              "note": "out of the policy (pinned/leased)"})
         d["session_ids"] = sorted(b.sessions)
         d["moves"] = [m for m in self.moves if m["block"] == d["block"]][-10:]
         return d

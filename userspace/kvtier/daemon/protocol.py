@@ -64,8 +64,8 @@ Ops (fields; reply fields):
                                                       the caller's own anonymous KV memory; daemon/heat.py)
   unregister_range range                           -> removed
   admin ops (kvctl): sessions, blocks {session?, tier?, limit?}, explain {block}, pin/unpin {block|session},
-                     evict {block}, policy / policy_set {name}, moves {limit?}, top {limit?}. stats and the read-only ones
-                     are scoped to the connection's tenant once bound; without a tenant (the all-tenant
+                     evict {block}, policy / policy_set {name}, moves {limit?}, top {limit?}. stats and the
+                     read-only ones are scoped to the connection's tenant once bound; without a tenant (the all-tenant
                      view) and for pin/unpin/evict/policy_set the peer must be an admin (root, the daemon's
                      uid, or [admins] of the config); else EPERM
 Replies arrive in request order on a connection, so a client may send a commit and read its reply later.

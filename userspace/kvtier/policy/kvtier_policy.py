@@ -6,12 +6,13 @@ experts on the same request stream: the reuse-predictor expert (kvtier.policy.pr
 and session features, with hit-density eviction), the learned hit-density expert described below
 (HitDensityPolicy, `kvtier-density`), LRU, ARC and S3-FIFO. Each shadow counts the hits it would have
 had, with exponential decay (half-life: a few cache turnover times, measured). The real cache follows
-the expert with the most recent hits (the leader), in the spirit of set dueling (DIP, Qureshi et al. ISCA'07) and of choosing a
-policy by miniature simulation (Waldspurger et al. ATC'17): it admits an offered block when the leader's
-shadow holds it after the offer, and when it needs room it first evicts blocks the leader no longer holds
-(the leader's victims, oldest first; after a switch, what the new leader does not hold). So when one
-expert leads for a while the real cache converges to its contents, and the default is never far behind
-the best expert on any workload, while keeping the learned expert's lead where it has one. Work per
+the expert with the most recent hits (the leader), in the spirit of set dueling (DIP, Qureshi et al.
+ISCA'07) and of choosing a policy by miniature simulation (Waldspurger et al. ATC'17): it admits an
+offered block when the leader's shadow holds it after the offer, and when it needs room it first evicts
+blocks the leader no longer holds (the leader's victims, oldest first; after a switch, what the new
+leader does not hold). So when one expert leads for a while the real cache converges to its contents, and
+the default is never far behind the best expert on any workload, while keeping the learned expert's lead
+where it has one. Work per
 access is O(1) per expert (plus O(capacity) once per switch, which hysteresis keeps rare).
 
 The learned expert: learned reuse probabilities and hit density per block class.
@@ -274,7 +275,8 @@ class HitDensityPolicy(ClassQueuePolicy):
         if cls is not None and block in self._where:
             cand = self._victim()
             if cand is not None:
-                d["next_victim_hit_density"] = self._hit_density(self._where[cand], self._clock - self._queues[self._where[cand]][cand])
+                cls = self._where[cand]
+                d["next_victim_hit_density"] = self._hit_density(cls, self._clock - self._queues[cls][cand])
         return d
 
 

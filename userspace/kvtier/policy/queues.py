@@ -47,7 +47,7 @@ class ClassQueuePolicy(Policy):
         self._crossings: list = []                      # (clock, block, class, its clock): a head's age changes bucket
         self._heads_stamp = None                        # _freshness() when the heap was built
         self._clock = 0
-        self._ghost: dict = {}                          # block -> record of its last offer in the horizon: [1] is its clock
+        self._ghost: dict = {}                          # block -> record of its last offer in the horizon ([1]: clock)
         self._ghost_q: deque = deque()                  # (block, clock) offers in order, to expire ghosts
         self._req = self._req_state = None              # the request begun last, and what the subclass keeps of it
         self._recent: OrderedDict = OrderedDict()       # req.index -> that state, for the last RECENT_REQUESTS

@@ -63,7 +63,8 @@ def parse_tiers(spec: str) -> list[TierSpec]:
         try:
             cap = int(parts[1])
         except ValueError:
-            raise InputError(f"tier spec '{item.strip()}': capacity '{parts[1]}' is not a whole number of blocks") from None
+            raise InputError(f"tier spec '{item.strip()}': capacity '{parts[1]}' "
+                             "is not a whole number of blocks") from None
         if cap < 0:
             raise InputError(f"tier spec '{item.strip()}': capacity must not be negative")
         bw, lat = DEFAULT_LINKS[kind]

@@ -224,7 +224,8 @@ class MemoryTier(Tier):
         try:
             numa.mbind(arena.addr, size, numa.MPOL_BIND, self.nodes, numa.MPOL_MF_MOVE)
         except OSError as e:
-            self.backend_note = f"mbind to nodes {self.nodes} failed ({e.strerror}); pages go where the kernel puts them"
+            self.backend_note = (f"mbind to nodes {self.nodes} failed ({e.strerror}); "
+                                 "pages go where the kernel puts them")
 
     def _open_kmod(self) -> None:
         from kvtier import kmod

@@ -1,6 +1,7 @@
 """kvctl's daemon commands end to end against a real kvtierd, each with --json; errors are one line."""
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import subprocess
 import pytest
 
 from daemon_proc import KVCTL, Daemon, block_bytes, short_dir, write_config
-from kvtier.client import Client
+from kvtier.client import Client, DaemonError, admin_call
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,13 @@ def test_status_sessions_blocks(daemon):
     assert nvme["total"] > 0 and all(b["tier"] == "nvme0" for b in nvme["blocks"])
     mine = js(daemon, "blocks", "--session", str(sessions[0]["session"]), "--limit", "5")
     assert mine["total"] == 40 and len(mine["blocks"]) == 5
+    every = js(daemon, "blocks", "--limit", "7")   # no filter: counted without a walk, the first 7 listed
+    assert every["total"] == 40 and len(every["blocks"]) == 7 and len({b["block"] for b in every["blocks"]}) == 7
+    assert every["total"] == sum(js(daemon, "blocks", "--tier", t["name"])["total"] for t in st["tiers"])
+    assert admin_call(daemon.socket, "blocks", limit=2**64 - 1)["total"] == 40
+    with pytest.raises(DaemonError) as e:
+        admin_call(daemon.socket, "blocks", limit=-1)
+    assert e.value.errno == errno.EINVAL
 
 
 def test_explain_pin_evict(daemon):

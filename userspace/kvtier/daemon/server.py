@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import itertools
 import logging
 import os
 import selectors
@@ -815,6 +816,8 @@ class Server:
         sid = self._int(msg, "session", True)
         tier = msg.get("tier")
         limit = self._int(msg, "limit", True) or 500
+        if limit < 0:
+            raise OSError(errno.EINVAL, "'limit' must be a positive integer")
         eng = self.engine
         if sid is not None:
             s = eng.sessions.get(sid)
@@ -826,14 +829,16 @@ class Server:
         names = [t.name for t in self.tiers]
         if tier is not None and tier not in names:
             raise OSError(errno.EINVAL, f"no tier {tier!r}; tiers: {', '.join(names)}")
-        rows, total = [], 0
-        for b in pool:
-            if (tier is not None and names[b.tier] != tier) or (scope is not None and b.tenant != scope):
-                continue
-            total += 1
-            if len(rows) < limit:
-                rows.append(b.to_dict(self.tiers))
-                rows[-1]["heat"] = (self.heat.block_info(b.key) or {}).get("heat", 0.0)
+        if sid is None and tier is None:   # the whole pool matches: its length, and no walk past the first `limit`
+            total = len(pool)
+            shown = list(itertools.islice(pool, min(limit, total)))
+        else:
+            hits = [b for b in pool if (tier is None or names[b.tier] == tier) and (scope is None or b.tenant == scope)]
+            total, shown = len(hits), hits[:limit]
+        rows = []
+        for b in shown:
+            rows.append(b.to_dict(self.tiers))
+            rows[-1]["heat"] = (self.heat.block_info(b.key) or {}).get("heat", 0.0)
         return {"blocks": rows, "total": total}, []
 
     def op_explain(self, conn, msg):

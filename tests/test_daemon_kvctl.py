@@ -58,9 +58,10 @@ def test_status_sessions_blocks(daemon):
     assert every["total"] == 40 and len(every["blocks"]) == 7 and len({b["block"] for b in every["blocks"]}) == 7
     assert every["total"] == sum(js(daemon, "blocks", "--tier", t["name"])["total"] for t in st["tiers"])
     assert admin_call(daemon.socket, "blocks", limit=2**64 - 1)["total"] == 40
-    with pytest.raises(DaemonError) as e:
-        admin_call(daemon.socket, "blocks", limit=-1)
-    assert e.value.errno == errno.EINVAL
+    for op in ("blocks", "moves", "top"):
+        with pytest.raises(DaemonError) as e:
+            admin_call(daemon.socket, op, limit=-1)
+        assert e.value.errno == errno.EINVAL, op
 
 
 def test_explain_pin_evict(daemon):

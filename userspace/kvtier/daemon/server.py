@@ -513,6 +513,14 @@ class Server:
             raise OSError(errno.EINVAL, f"'{field}' must be an integer")
         return v
 
+    @staticmethod
+    def _limit(msg, default: int) -> int:
+        """msg's optional 'limit' of rows (absent or 0: default); a negative one is EINVAL."""
+        v = Server._int(msg, "limit", True) or default
+        if v < 0:
+            raise OSError(errno.EINVAL, "'limit' must be a positive integer")
+        return v
+
     def _arena_reply(self, conn) -> tuple[dict, list[int]]:
         """The arenas of the connection's domain only: a client maps no other tenant's memory."""
         arenas = self.engine.arenas(conn.domain)
@@ -815,9 +823,7 @@ class Server:
         scope = self._scope(conn)
         sid = self._int(msg, "session", True)
         tier = msg.get("tier")
-        limit = self._int(msg, "limit", True) or 500
-        if limit < 0:
-            raise OSError(errno.EINVAL, "'limit' must be a positive integer")
+        limit = self._limit(msg, 500)
         eng = self.engine
         if sid is not None:
             s = eng.sessions.get(sid)
@@ -894,7 +900,7 @@ class Server:
 
     def op_moves(self, conn, msg):
         scope = self._scope(conn)
-        limit = self._int(msg, "limit", True) or 100
+        limit = self._limit(msg, 100)
         moves = self.engine.moves
         if scope is not None:
             # moves carry the block key only: a move is the tenant's if the block still is (a dropped block's
@@ -915,7 +921,7 @@ class Server:
     def op_top(self, conn, msg):
         """kvctl top: tiers, hottest blocks and sessions, migration rates and latency percentiles."""
         scope = self._scope(conn)
-        limit = min(self._int(msg, "limit", True) or 10, 1000)
+        limit = min(self._limit(msg, 10), 1000)
         eng = self.engine
         reply = self.heat.top(limit, scope)
         reply.update(tiers=eng.tier_rows() if scope is None else [], counters=dict(eng.counters) if scope is None

@@ -77,6 +77,17 @@ def running_daemon(d_dir: Path, cfg: Path, timeout_s: float = 120):
         shutil.rmtree(d_dir, ignore_errors=True)
 
 
+def engine(cfg: Path, defer_policy: bool = False):
+    """An in-process Engine over the tiers of config file cfg, as kvtierd builds them (no server, no socket)."""
+    from kvtier.daemon import config as config_mod
+    from kvtier.daemon.engine import Engine
+    from kvtier.daemon.server import build_tiers
+    c = config_mod.load(str(cfg))
+    e = Engine(c, build_tiers(c))
+    e.defer_policy = defer_policy
+    return e
+
+
 def short_dir() -> Path:
     """A directory other users can traverse (the uid tests need it), with a short path (sun_path is 108 bytes)."""
     d = Path(tempfile.mkdtemp(prefix="kvd-", dir="/tmp"))

@@ -7,10 +7,8 @@ import random
 
 import pytest
 
-from daemon_proc import short_dir, write_config
-from kvtier.daemon import config as config_mod
+from daemon_proc import engine, short_dir, write_config
 from kvtier.daemon.engine import Engine
-from kvtier.daemon.server import build_tiers
 
 BLOCK = 1024
 
@@ -19,10 +17,7 @@ def make_engine(d, defer: bool, policy="kvtier") -> Engine:
     cfg = write_config(d, dram="32KiB", cxl="32KiB", nominal="1KiB", policy=policy)
     text = cfg.read_text()
     cfg.write_text(text[:text.index('[[tiers]]\nname = "nvme0"')])   # memory tiers only: no disk in the way
-    c = config_mod.load(str(cfg))
-    e = Engine(c, build_tiers(c))
-    e.defer_policy = defer
-    return e
+    return engine(cfg, defer_policy=defer)
 
 
 def put(e: Engine, tenant: str, sid, hashes) -> int:

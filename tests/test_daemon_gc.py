@@ -13,11 +13,10 @@ import time
 
 import pytest
 
-from daemon_proc import KVCTL, running_daemon, short_dir, write_config
+from daemon_proc import KVCTL, engine, running_daemon, short_dir, write_config
 from kvtier.client import Client
 from kvtier.daemon import config as config_mod
 from kvtier.daemon.engine import Engine
-from kvtier.daemon.server import build_tiers
 from kvtier.errors import InputError
 
 
@@ -78,9 +77,7 @@ def _cycles(fn) -> collections.Counter:
 def test_requests_and_policy_changes_make_no_reference_cycles(policy):
     d = short_dir()
     cfg = write_config(d, dram="64KiB", cxl="64KiB", nvme="1MiB", nominal="1KiB", policy=policy)
-    c = config_mod.load(str(cfg))
-    e = Engine(c, build_tiers(c))
-    e.defer_policy = True
+    e = engine(cfg, defer_policy=True)
     try:
         _workload(e, random.Random(1), 200)   # warm: first-use caches are not garbage
         assert not _cycles(lambda: _workload(e, random.Random(2), 3000))

@@ -7,10 +7,8 @@ from __future__ import annotations
 import random
 import shutil
 
-from daemon_proc import short_dir, write_config
-from kvtier.daemon import config as config_mod
+from daemon_proc import engine, short_dir, write_config
 from kvtier.daemon.engine import Engine
-from kvtier.daemon.server import build_tiers
 
 BLOCK = 1024
 TENANTS = 'shutdown_flush_s = 20\n[tenants.a]\nsalt = "shared"\n[tenants.b]\nsalt = "shared"\n[tenants.c]\n'
@@ -19,8 +17,7 @@ TENANTS = 'shutdown_flush_s = 20\n[tenants.a]\nsalt = "shared"\n[tenants.b]\nsal
 def make_engine(d) -> Engine:
     # 8 + 8 blocks of memory and ~60 of disk: random puts of 120 hashes keep evicting out of the last tier
     cfg = write_config(d, dram="8KiB", cxl="8KiB", nvme="480KiB", nominal="1KiB", extra=TENANTS)
-    c = config_mod.load(str(cfg))
-    return Engine(c, build_tiers(c))
+    return engine(cfg)
 
 
 def grouped(e: Engine) -> dict:

@@ -10,11 +10,10 @@ import time
 
 import pytest
 
-from daemon_proc import running_daemon, short_dir
+from daemon_proc import engine, running_daemon, short_dir
 from kvtier.client import Client
 from kvtier.daemon import config as config_mod
 from kvtier.daemon.engine import WRITEBACK_DEPTH, Engine, derive_key
-from kvtier.daemon.server import build_tiers
 from kvtier.errors import InputError
 from kvtier.store.base import Slot
 
@@ -48,10 +47,7 @@ capacity = "64MiB"
 def _engine(d, **kw) -> Engine:
     cfg = d / "kvtierd.toml"
     cfg.write_text(_toml(d, **kw))
-    c = config_mod.load(str(cfg))
-    e = Engine(c, build_tiers(c))
-    e.defer_policy = True
-    return e
+    return engine(cfg, defer_policy=True)
 
 
 def _content(h: int) -> bytes:

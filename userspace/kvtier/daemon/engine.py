@@ -712,10 +712,7 @@ class Engine:
             self._unindex(old)
         self.blocks[b.key] = b
         self.by_bid[b.bid] = b
-        mine = self.by_tenant.get(b.tenant)
-        if mine is None:
-            mine = self.by_tenant[b.tenant] = {}
-        mine[b.key] = b
+        self._index(b)
 
     def _set_tenant(self, b: Block, tenant: str | None) -> None:
         if b.tenant != tenant:
@@ -724,7 +721,13 @@ class Engine:
                 self._unindex(b)
             b.tenant = tenant
             if stored:
-                self.by_tenant.setdefault(tenant, {})[b.key] = b
+                self._index(b)
+
+    def _index(self, b: Block) -> None:
+        mine = self.by_tenant.get(b.tenant)
+        if mine is None:
+            mine = self.by_tenant[b.tenant] = {}
+        mine[b.key] = b
 
     def _unindex(self, b: Block) -> None:
         mine = self.by_tenant.get(b.tenant)

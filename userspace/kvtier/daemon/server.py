@@ -905,17 +905,8 @@ class Server:
         if scope is not None:
             # moves carry the block key only: a move is the tenant's if the block still is (a dropped block's
             # moves are no longer attributable, so they are left out rather than risk showing another's)
-            blocks = self.engine.blocks
-            mine = {}
-            out = []
-            for m in moves:
-                k = m["block"]
-                if k not in mine:
-                    b = blocks.get(bytes.fromhex(k))
-                    mine[k] = b is not None and b.tenant == scope
-                if mine[k]:
-                    out.append(m)
-            moves = out
+            own = self.engine.of_tenant(scope)
+            moves = [m for m in moves if bytes.fromhex(m["block"]) in own]
         return {"moves": list(moves)[-limit:]}, []
 
     def op_top(self, conn, msg):

@@ -25,7 +25,7 @@ setup(
                       "msgpack>=1.0", "prometheus-client>=0.17"],  # kvtierd's wire format and metrics
     extras_require={
         "gpu": ["cuda-bindings>=12"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "ruff>=0.6"],  # ruff: tools/test lints first
         "plot": ["matplotlib>=3.7"],  # kvctl replay --plot
         # the cluster tier's Mooncake Store client, master, storage node and metadata server (CPU build)
         "cluster": ["mooncake-transfer-engine-non-cuda>=0.3.13"],

@@ -98,7 +98,8 @@ def bench_nvme(directory: str, total: int, repeats: int) -> list[dict]:
                          "get_mib_s": mib / get, "dd_read_mib_s": mib / dd_r, "get_vs_dd": dd_r / get})
         finally:
             shutil.rmtree(work, ignore_errors=True)
-            del data, outv
+            data.release()   # the mmaps close only with no view exported
+            outv.release()
             src.close()
             out.close()
     return rows

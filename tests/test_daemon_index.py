@@ -33,6 +33,17 @@ def index(e: Engine) -> dict:
     return {t: set(d) for t, d in e.by_tenant.items()}
 
 
+def check_tiers(e: Engine) -> None:
+    """The kept per-tier counts and every tier's listing, all blocks and each tenant's, against the table."""
+    by_tier = [[b for b in e.blocks.values() if b.tier == t] for t in range(len(e.tiers))]
+    assert e.tier_blocks == [len(bs) for bs in by_tier]
+    for t, bs in enumerate(by_tier):
+        assert sorted(b.key for b in e.of_tier(t)) == sorted(b.key for b in bs)
+        for tenant in (None, "a", "b", "c"):
+            mine = sorted(b.key for b in bs if b.tenant == tenant)
+            assert sorted(b.key for b in e.of_tier(t, tenant) if b.tenant == tenant) == mine, (t, tenant)
+
+
 def put(e: Engine, tenant: str, hashes, durable=False) -> None:
     txn, _ = e.put_reserve(tenant, None, [[h, "history", BLOCK, None] for h in hashes], durable)
     e.put_commit(txn)
@@ -65,6 +76,7 @@ def test_tenant_index_matches_the_table_through_every_change():
                     e.end_session(*sids.pop(rng.randrange(len(sids))))
             e.run_deferred()
             assert index(e) == grouped(e), step
+            check_tiers(e)
             assert e.tenant_sessions == {t: n for t in "abc" if (n := sum(1 for s in e.sessions.values()
                                                                           if s.tenant == t))}
         assert e.counters["drops"] > 0 and e.counters["dedup_puts"] > 0   # evictions and shared-salt dedups ran
@@ -75,6 +87,7 @@ def test_tenant_index_matches_the_table_through_every_change():
     e = make_engine(d)   # recovery: every block is of unknown tenant until its header is read
     try:
         assert set(index(e)) == {None} and index(e) == grouped(e)
+        check_tiers(e)
         assert len(e.of_tenant(None)) == len(e.blocks) > 0 and not e.of_tenant("a")
         get(e, "c", range(120))   # c's own blocks learn their tenant; a's and b's stay unknown
         assert index(e) == grouped(e)
@@ -82,8 +95,10 @@ def test_tenant_index_matches_the_table_through_every_change():
         assert not e.of_tenant("a") and not e.of_tenant("b")
         get(e, "a", range(120))
         assert index(e) == grouped(e) and set(index(e)) <= {None, "a", "b", "c"} and e.of_tenant("a")
+        check_tiers(e)
         e.delete("c", range(120))
         assert not e.of_tenant("c") and index(e) == grouped(e)
+        check_tiers(e)
     finally:
         e.close()
         shutil.rmtree(d, ignore_errors=True)

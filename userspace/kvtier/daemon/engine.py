@@ -147,6 +147,7 @@ class Engine:
         # `kvctl blocks` listing cost its own blocks: at a million blocks a walk over all of them held the server
         # loop, every tenant's requests with it, for ~30 ms
         self.by_tenant: dict[str | None, dict[bytes, Block]] = {}
+        self.tier_blocks = [0] * len(tiers)   # stored blocks by b.tier (a tier's own count includes copies)
         self.by_bid: dict[int, Block] = {}
         self.pinned: set[Block] = set()   # blocks with pins (kept so status counts them without a scan)
         self.sessions: dict[int, Session] = {}
@@ -649,7 +650,7 @@ class Engine:
             del payload
         if src < self.mem_count:
             self.tiers[src].delete(b.key)
-        b.tier = dst
+        self._retier(b, dst)
         if self.tiers[dst].kind == "nvme":
             b.nvme_copy = True
         self.counters["demotions"] += 1
@@ -728,6 +729,7 @@ class Engine:
         if mine is None:
             mine = self.by_tenant[b.tenant] = {}
         mine[b.key] = b
+        self.tier_blocks[b.tier] += 1
 
     def _unindex(self, b: Block) -> None:
         mine = self.by_tenant.get(b.tenant)
@@ -735,10 +737,30 @@ class Engine:
             del mine[b.key]
             if not mine:
                 del self.by_tenant[b.tenant]
+            self.tier_blocks[b.tier] -= 1
+
+    def _retier(self, b: Block, t: int) -> None:
+        """b now lives in tier t (the only place a block changes tier)."""
+        if self.blocks.get(b.key) is b:
+            self.tier_blocks[b.tier] -= 1
+            self.tier_blocks[t] += 1
+        b.tier = t
 
     def of_tenant(self, tenant: str | None) -> dict[bytes, Block]:
         """The tenant's stored blocks by key (the index itself: do not modify)."""
         return self.by_tenant.get(tenant, {})
+
+    def of_tier(self, t: int, tenant: str | None = None):
+        """The stored blocks in tier t (of one tenant), lazily: found through the tier's own keys, or through the
+        tenant's blocks when they are fewer. A tier's keys include reserved slots and a durable block's NVMe copy,
+        which are skipped."""
+        blocks = self.blocks
+        if tenant is not None:
+            mine = self.of_tenant(tenant)
+            if len(mine) <= len(self.tiers[t]):
+                return (b for b in mine.values() if b.tier == t)
+            blocks = mine
+        return (b for b in map(blocks.get, self.tiers[t].keys()) if b is not None and b.tier == t)
 
     def _forget(self, b: Block) -> None:
         gone = self.blocks.pop(b.key, None)
@@ -787,7 +809,7 @@ class Engine:
             if src >= self.mem_count:
                 b.nvme_copy = False
         # a durable block keeps its NVMe copy: it is now in memory and on disk
-        b.tier = dst
+        self._retier(b, dst)
         if self.gpu is not None:
             self.gpu.after_promote(b)   # a shared prefix on the GPU: read-mostly
         self.counters["promotions"] += 1

@@ -1,7 +1,8 @@
 """The engine's per-tenant block index (what a tenant's `status` counts and its `kvctl blocks` lists, without a
 walk over every tenant's blocks) always equals the block table grouped by tenant: through puts, a put that
 dedups into a block of a tenant sharing the salt, deletes, evictions out of the last tier, and a restart whose
-recovered blocks have no tenant until their header is read."""
+recovered blocks have no tenant until their header is read. So do the per-tier counts and listings, and the set
+of pinned blocks (what `status` counts), through kvctl pins and unpins."""
 from __future__ import annotations
 
 import random
@@ -70,6 +71,12 @@ def test_tenant_index_matches_the_table_through_every_change():
                 e.delete(tenant, hashes)
             else:
                 get(e, tenant, hashes)
+            if step % 5 == 0:   # kvctl pin/unpin: at most two pinned, so puts still find room
+                held = sorted(e.pinned, key=lambda b: b.key)
+                if len(held) < 2 and e.blocks:
+                    e.pin(block=rng.choice(sorted(e.blocks)).hex())
+                elif held:
+                    e.pin(block=held[0].key.hex(), unpin=True)
             if step % 10 == 0:   # sessions come and go; each tenant's count follows
                 sids.append((tenant, e.register_session(tenant, "")))
                 if rng.random() < 0.5:
@@ -77,6 +84,7 @@ def test_tenant_index_matches_the_table_through_every_change():
             e.run_deferred()
             assert index(e) == grouped(e), step
             check_tiers(e)
+            assert e.pinned == {b for b in e.blocks.values() if b.pins}, step
             assert e.tenant_sessions == {t: n for t in "abc" if (n := sum(1 for s in e.sessions.values()
                                                                           if s.tenant == t))}
         assert e.counters["drops"] > 0 and e.counters["dedup_puts"] > 0   # evictions and shared-salt dedups ran

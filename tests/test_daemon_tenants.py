@@ -84,6 +84,8 @@ def test_non_admin_tenant_sees_and_touches_only_its_own(daemon_dir):
                 st = kv.call("stats")
                 out["stats"] = {k: st.get(k) for k in ("blocks", "sessions", "admin", "counters", "tenant")}
                 out["tier_keys"] = sorted(st["tiers"][0])
+                # per tier, two rows at most: the totals still count every block of the guest's in that tier
+                out["by_tier"] = [kv.call("blocks", tier=t["name"], limit=2) for t in st["tiers"]]
                 own = out["blocks"][0]["block"]
                 out["explain_own"] = kv.call("explain", block=own)["block"]
                 out["explain_other"] = errno_of(lambda: kv.call("explain", block=victim))
@@ -110,6 +112,9 @@ def test_non_admin_tenant_sees_and_touches_only_its_own(daemon_dir):
         assert g["moves"] and not ({m["block"] for m in g["moves"]} & alpha_keys)
         assert g["stats"] == {"blocks": N, "sessions": 1, "admin": False, "counters": None, "tenant": "guests"}
         assert "used_bytes" not in g["tier_keys"] and "hits" not in g["tier_keys"]
+        assert sum(r["total"] for r in g["by_tier"]) == N and max(r["total"] for r in g["by_tier"]) > 2
+        assert all(len(r["blocks"]) == min(2, r["total"]) and {b["tenant"] for b in r["blocks"]} <= {"guests"}
+                   for r in g["by_tier"])
         assert g["explain_own"] in {b["block"] for b in g["blocks"]}
         assert g["explain_other"] == errno.ENOENT and g["blocks_other_session"] == errno.ENOENT
         for k in ("pin_other", "pin_other_session", "unpin_other", "evict_other", "evict_own", "policy_set",

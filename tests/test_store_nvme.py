@@ -443,4 +443,3 @@ def test_put_many_writes_adjacent_aligned_extents_together(store_dir):
     for k, v in want.items():
         assert t.get(k) == v
     t.close()
-

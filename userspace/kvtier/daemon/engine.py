@@ -711,6 +711,8 @@ class Engine:
         old = self.blocks.get(b.key)
         if old is not None:
             self._unindex(old)
+            if old is not b:
+                self.pinned.discard(old)   # replaced: no longer stored
         self.blocks[b.key] = b
         self.by_bid[b.bid] = b
         self._index(b)
@@ -1493,9 +1495,7 @@ class Engine:
         return rows
 
     def pinned_blocks(self, tenant: str | None = None) -> int:
-        """Stored blocks with pins (of one tenant). A block replaced by a put of its key leaves the set here."""
-        gone = [b for b in self.pinned if self.blocks.get(b.key) is not b]
-        self.pinned.difference_update(gone)
+        """Stored blocks with pins (of one tenant)."""
         return sum(1 for b in self.pinned if tenant is None or b.tenant == tenant)
 
     def status(self) -> dict:

@@ -840,10 +840,9 @@ class Server:
             shown = list(itertools.islice(pool, min(limit, total)))
         elif sid is None:   # one tier: the admin's count is kept; a tenant's walks its blocks or the tier's (fewer)
             t = names.index(tier)
-            want = min(limit, eng.tier_blocks[t])
-            shown = list(itertools.islice(eng.of_tier(t, scope), want))
-            total = eng.tier_blocks[t] if scope is None else \
-                (len(shown) if len(shown) < want else sum(1 for _ in eng.of_tier(t, scope)))
+            found = eng.of_tier(t, scope)
+            shown = list(itertools.islice(found, min(limit, eng.tier_blocks[t])))
+            total = eng.tier_blocks[t] if scope is None else len(shown) + sum(1 for _ in found)
         else:
             hits = [b for b in pool if (tier is None or names[b.tier] == tier) and (scope is None or b.tenant == scope)]
             total, shown = len(hits), hits[:limit]

@@ -12,8 +12,8 @@ offered block when the leader's shadow holds it after the offer, and when it nee
 blocks the leader no longer holds (the leader's victims, oldest first; after a switch, what the new
 leader does not hold). So when one expert leads for a while the real cache converges to its contents, and
 the default is never far behind the best expert on any workload, while keeping the learned expert's lead
-where it has one. Work per
-access is O(1) per expert (plus O(capacity) once per switch, which hysteresis keeps rare).
+where it has one. Work per access is O(1) per expert (plus O(capacity) once per switch, which hysteresis
+keeps rare).
 
 The learned expert: learned reuse probabilities and hit density per block class.
 

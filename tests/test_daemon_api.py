@@ -371,3 +371,27 @@ def test_embedded_default_without_config(daemon_dir):
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(20) == 0
+
+
+def test_finished_session_goes_down_first_and_resuming_one_stays(daemon_dir):
+    """The engine's life-cycle hints reach the policy: when the first tier needs room, a finished session's blocks
+    are demoted (not dropped) before a resuming session's and before blocks with no hint at all."""
+    d = Daemon(daemon_dir, write_config(daemon_dir, policy="kvtier")).start()   # 14 blocks in dram0 (+ 2% free)
+    try:
+        with Client(d.socket, "acme") as kv:
+            done, back, new = kv.register_session("done"), kv.register_session("back"), kv.register_session("new")
+            kv.put(back, [(100 + i, "history", block_bytes(100 + i, BLOCK)) for i in range(5)])
+            kv.put(done, [(i, "history", block_bytes(i, BLOCK)) for i in range(5)])   # younger: by age, it stays
+            kv.hint(back, "resume")
+            assert kv.end_session(done) == 5   # the finished hint: its blocks are only worth their prefix now
+            assert kv.contains(list(range(5)) + list(range(100, 105))) == ["dram0"] * 10
+            for i in range(6):   # 16 blocks > 14: some must go down
+                kv.put(new, [(200 + i, "input", block_bytes(200 + i, BLOCK))])
+            where = dict(zip(range(5), kv.contains(range(5))))
+            down = [b for b, t in where.items() if t != "dram0"]
+            assert len(down) >= 2 and all(where[b] == "cxl0" for b in down), where   # demoted, not dropped
+            assert kv.contains(range(100, 106)) == ["dram0"] * 5 + [None]
+            assert kv.contains(range(200, 206)) == ["dram0"] * 6
+            assert [bytes(v) for v in kv.get(None, range(5))] == [block_bytes(i, BLOCK) for i in range(5)]
+    finally:
+        assert d.stop() == 0, d.log.read_text()[-2000:]

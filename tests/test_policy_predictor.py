@@ -1,18 +1,20 @@
 """The default's reuse-predictor expert (kvtier.policy.predictor): it learns online which requests come back."""
-from kvtier.policy.model import Request
+import pytest
+
+from kvtier.policy.model import Request, SessionState
 from kvtier.policy.registry import make_policy, policy_names
 from kvtier.policy.predictor import feature_names
-from kvtier.policy.replay import replay_single
+from kvtier.policy.replay import lifecycle_hints, replay_single
 from kvtier.policy.tiers import parse_tiers, replay_tiers
 from kvtier.policy.trace import infer_sessions
 
 GAP = 30  # requests between a kept conversation's turns
 
 
-def _two_kinds(n=1500):
+def _two_kinds(n=1500, long_output=3000):
     """Alternating requests: 'short answer' ones (output 8 tokens) whose conversation sends a second turn
-    GAP requests later, re-sending all but the tail; 'long answer' ones (3000 tokens) that never come back.
-    Only the output length tells them apart when they arrive."""
+    GAP requests later, re-sending all but the tail; 'long answer' ones (`long_output` tokens) that never come
+    back. Only the output length tells them apart when they arrive (nothing does, with long_output=8)."""
     reqs, nxt = [], [1]
 
     def fresh(k):
@@ -29,7 +31,7 @@ def _two_kinds(n=1500):
             if i + GAP < n:  # the trace ends first: the latest first turns are still open
                 reqs.append(Request(-1, (i + GAP) * 1000.0 + 500, len(second) * 512, 3000, second))
         else:
-            reqs.append(Request(-1, i * 1000.0, len(ids) * 512, 3000, ids))
+            reqs.append(Request(-1, i * 1000.0, len(ids) * 512, long_output, ids))
     reqs.sort(key=lambda r: r.timestamp_ms)
     for i, r in enumerate(reqs):
         r.index = i
@@ -61,6 +63,58 @@ def test_beats_recency_where_reuse_is_predictable_and_never_beats_opt():
     assert r["kvtier-predict"] > max(r["lru"], r["arc"]) + 0.1, r
     assert r["kvtier"] > max(r["lru"], r["arc"]) + 0.1, r  # the default follows it
     assert r["kvtier-predict"] <= r["opt"] and r["kvtier"] <= r["opt"], r
+
+
+def test_lifecycle_hints_say_which_conversations_continue():
+    reqs = _two_kinds(200)
+    hints = lifecycle_hints(reqs)
+    for r, h in zip(reqs, hints):
+        later = any(q.session_id == r.session_id for q in reqs[r.index + 1:])
+        assert h == (SessionState.RESUME if later else SessionState.FINISHED)
+    assert 0 < hints.count(SessionState.RESUME) < len(reqs) // 2
+    flipped = lifecycle_hints(reqs, accuracy=0.0)
+    assert all(a != b for a, b in zip(hints, flipped))
+    noisy = lifecycle_hints(reqs, accuracy=0.75, seed=1)
+    assert 0.6 < sum(a == b for a, b in zip(hints, noisy)) / len(reqs) < 0.9
+    assert noisy == lifecycle_hints(reqs, accuracy=0.75, seed=1)   # seeded
+    with pytest.raises(ValueError, match="accuracy"):
+        lifecycle_hints(reqs, accuracy=1.5)
+
+
+def _hint_weights(policy) -> dict:
+    return {feature_names([f])[0]: w for f, w in policy._w.items() if feature_names([f])[0][0] == "hint"}
+
+
+def test_engine_hints_are_learned_and_acted_on():
+    """Where nothing in the requests says which conversations continue, the engine's hints do: the predictor
+    re-ranks a session's blocks by them. Their meaning is learned, not assumed: inverted hints are learned
+    inverted (against the prior) and still help; random ones cost little; baselines ignore hints."""
+    reqs = _two_kinds(long_output=8)
+    cap = 200
+    right, wrong, noise = (lifecycle_hints(reqs, a) for a in (1.0, 0.0, 0.5))
+    for name in ("kvtier-predict", "kvtier"):
+        none = replay_single(reqs, name, cap).hit_rate
+        told = replay_single(reqs, name, cap, hints=right).hit_rate
+        misled = make_policy(name, cap)
+        inverted = replay_single(reqs, name, cap, policy=misled, hints=wrong).hit_rate
+        random_ = replay_single(reqs, name, cap, hints=noise).hit_rate
+        assert told > none + 0.1 and inverted > none + 0.05, (name, none, told, inverted)
+        assert random_ > none - 0.05, (name, none, random_)
+        assert told <= replay_single(reqs, "opt", cap).hit_rate
+        if name == "kvtier-predict":
+            w = _hint_weights(misled)
+            assert w[("hint", 0)] > w[("hint", 1)], w   # the prior says the opposite (-2 and +1)
+    lru = {replay_single(reqs, "lru", cap, hints=h).hit_rate for h in (None, right, wrong)}
+    assert len(lru) == 1
+
+
+def test_hints_pay_off_in_a_tier_stack():
+    reqs = _two_kinds(long_output=8)
+    tiers = parse_tiers("dram:120,cxl:400")
+    plain = replay_tiers(reqs, "kvtier", tiers)
+    told = replay_tiers(reqs, "kvtier", tiers, hints=lifecycle_hints(reqs))
+    # the first tier is too small to keep a conversation for GAP requests: the hints pay off in the second
+    assert sum(told.hits_per_tier) > 1.5 * sum(plain.hits_per_tier), (plain.hits_per_tier, told.hits_per_tier)
 
 
 def test_demotes_into_lower_tiers_and_keeps_the_capacity_contract():
@@ -154,3 +208,17 @@ def test_per_block_and_session_history_stays_bounded_and_keeps_what_is_in_use():
     assert len(density._children) <= limit * 5 // 4
     assert len(density.sessions) <= SESSIONS_KEPT * 5 // 4 and n - 1 in density.sessions
     assert len(predict._sess) <= SESSIONS_KEPT * 5 // 4 and predict._sess[n - 1][0] == 1
+
+
+def test_room_asked_for_is_made_by_the_leaders_victims_not_recency():
+    """A daemon asks for room (pop_victim) before the default's leader is full: what goes is what the leader
+    gives up first (here a finished session's blocks, the most recent ones), not the least recently used."""
+    policy = make_policy("kvtier", 8)
+    for i, (sid, ids) in enumerate(((1, [1, 2, 3]), (2, [11, 12, 13]))):
+        r = Request(i, i * 1000.0, len(ids) * 512, 10, ids, session_id=sid)
+        policy.begin_request(r)
+        policy.end_request(r, [False] * len(ids))
+    assert policy.leader == "predict" and len(policy) == 6
+    policy.session_hint(2, SessionState.FINISHED)
+    assert sorted(policy.pop_victim() for _ in range(3)) == [11, 12, 13]
+    assert len(policy) == 3 and all(policy.contains(b) for b in (1, 2, 3))

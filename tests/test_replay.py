@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvtier.errors import InputError
-from kvtier.policy.replay import replay_single
+from kvtier.policy.replay import lifecycle_hints, replay_single
 from kvtier.policy.synth import generate
 from kvtier.policy.trace import parse_lines, read_trace, write_trace
 
@@ -73,7 +73,22 @@ def test_tiers_and_plot(small_trace, tmp_path):
     assert human.returncode == 0 and "TTFT" in human.stdout
 
 
+def test_lifecycle_hints_via_cli(small_trace):
+    base = json.loads(kvctl("replay", small_trace, "--capacity-blocks", 50, "--json").stdout)
+    p = kvctl("replay", small_trace, "--capacity-blocks", 50, "--hints", "lifecycle", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["hints"] == {"kind": "lifecycle", "accuracy": 1.0}
+    reqs = read_trace(small_trace)
+    want = replay_single(reqs, "kvtier", 50, hints=lifecycle_hints(reqs))
+    assert out["hits"] == want.hits and "hints" not in base
+    tiers = kvctl("replay", small_trace, "--tiers", "dram:40,nvme:400", "--hints", "lifecycle", "--json")
+    assert tiers.returncode == 0 and json.loads(tiers.stdout)["hints"]["kind"] == "lifecycle"
+
+
 @pytest.mark.parametrize("args,needle", [
+    (["--hint-accuracy", "1.5"], "--hint-accuracy"),
+    (["--hints", "oracle"], "--hints"),
     (["--policy", "belady"], "valid: kvtier"),
     (["--tiers", "ram:10"], "unknown tier kind 'ram'"),
     (["--tiers", "dram:ten"], "capacity 'ten'"),

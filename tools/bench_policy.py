@@ -11,6 +11,9 @@ Beta-Bernoulli hit density) are the default's learned experts alone; the default
 experts (those two, LRU, ARC, S3-FIFO) has had the most hits recently; the last column is its margin over
 the better of LRU and ARC. The synthetic traces include kinds the policies were not developed on
 (prefix, longchat); pass --seed to draw other instances.
+The hints table replays the default with the life-cycle hints an engine would send as each turn ends (resume
+or finished, from the trace's future like OPT: what such hints are worth, not an online result), right with
+probability 1.0 / 0.9 / 0.75 / 0.5 (0.5: noise), against no hints; the three-tier table has a row with them.
 """
 import argparse
 import sys
@@ -19,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "userspace"))
 
 from kvtier.policy import DEFAULT_POLICY, policy_names  # noqa: E402
-from kvtier.policy.replay import distinct_blocks, replay_single  # noqa: E402
+from kvtier.policy.replay import distinct_blocks, lifecycle_hints, replay_single  # noqa: E402
 from kvtier.policy.synth import KINDS, generate  # noqa: E402
 from kvtier.policy.tiers import TierSpec, DEFAULT_LINKS, replay_tiers  # noqa: E402
 from kvtier.policy.trace import read_trace  # noqa: E402
@@ -73,6 +76,22 @@ def bound_table(name, reqs):
         print(f"{f:>5.0%} {cap:>10} {hits / acc / opt if opt else 0.0:>7.3f}")
 
 
+HINT_ACCURACY = (1.0, 0.9, 0.75, 0.5)
+
+
+def hint_table(name, reqs):
+    print(f"\n== {name}: {DEFAULT_POLICY} with engine life-cycle hints of given accuracy, ratio to OPT")
+    print(f"{'capacity':>16} {'none':>7} " + " ".join(f"{a:>7}" for a in HINT_ACCURACY))
+    n = distinct_blocks(reqs)
+    hints = {a: lifecycle_hints(reqs, a) for a in HINT_ACCURACY}
+    for f in FRACTIONS:
+        cap = max(1, int(n * f))
+        opt = replay_single(reqs, "opt", cap).hit_rate or 1.0
+        row = [replay_single(reqs, DEFAULT_POLICY, cap).hit_rate]
+        row += [replay_single(reqs, DEFAULT_POLICY, cap, hints=hints[a]).hit_rate for a in HINT_ACCURACY]
+        print(f"{f:>5.0%} {cap:>10} " + " ".join(f"{x / opt:>7.3f}" for x in row))
+
+
 def tier_table(name, reqs):
     n = distinct_blocks(reqs)
     tiers = [TierSpec("dram", int(n * 0.02), *DEFAULT_LINKS["dram"]),
@@ -83,10 +102,12 @@ def tier_table(name, reqs):
     print(f"{'policy':>8} {'hit_rate':>9} {'dram':>7} {'cxl':>7} {'nvme':>7} {'ttft_mean_ms':>13} "
           f"{'ttft_p90_ms':>12} {'vs_lru':>7}")
     base = None
-    for p in ("lru", DEFAULT_POLICY, "opt"):
-        d = replay_tiers(reqs, p, tiers).as_dict()
+    hints = lifecycle_hints(reqs)
+    for p, h in (("lru", None), (DEFAULT_POLICY, None), (DEFAULT_POLICY, hints), ("opt", None)):
+        d = replay_tiers(reqs, p, tiers, hints=h).as_dict()
         base = base or d["ttft_ms_mean"]
-        print(f"{p:>8} {d['hit_rate']:>9.4f} " + " ".join(f"{t['hit_rate']:>7.4f}" for t in d["tiers"])
+        label = p if h is None else "+hints"
+        print(f"{label:>8} {d['hit_rate']:>9.4f} " + " ".join(f"{t['hit_rate']:>7.4f}" for t in d["tiers"])
               + f" {d['ttft_ms_mean']:>13.1f} {d['ttft_ms_p90']:>12.1f} {d['ttft_ms_mean'] / base:>7.3f}")
 
 
@@ -106,6 +127,9 @@ def main():
     for name, reqs in traces:
         ratio_table(name, reqs)
     bound_table(*traces[0])
+    for name, reqs in traces:
+        if name in ("mooncake", "synthetic-chat"):
+            hint_table(name, reqs)
     tier_table(*traces[0])
     name, reqs = traces[0]
     cap = max(1, distinct_blocks(reqs) // 50)

@@ -273,7 +273,11 @@ class Client:
         return self._call("end_session", session=session)["released"]
 
     def hint(self, session: int, state: str, block_types=None) -> None:
-        """state: prefilling | decoding | idle | finished | resume; block_types: [(prefix_hash, type)]."""
+        """state: prefilling | decoding | idle | finished | resume; block_types: [(prefix_hash, type)].
+
+        Send `finished` (or end_session) when a conversation is over and `resume` when another turn is coming
+        (a pending tool call, a user typing): the default policy re-ranks the session's blocks by them, so a
+        finished one's go down a tier first. Only hints the engine really knows help; their weight is learned."""
         fields = {"session": session, "state": state}
         if block_types is not None:
             fields["block_types"] = [[h, t] for h, t in block_types]

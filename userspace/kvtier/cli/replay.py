@@ -34,7 +34,8 @@ def _progress(total: int):
 Examples:
   kvctl replay trace.jsonl --capacity-blocks 3655 --json
   kvctl replay trace.jsonl --policy lru --tiers dram:3655,cxl:9139,nvme:30000
-  kvctl replay trace.jsonl --capacity-blocks 3655 --plot hit_rate.png""")
+  kvctl replay trace.jsonl --capacity-blocks 3655 --plot hit_rate.png
+  kvctl replay trace.jsonl --capacity-blocks 3655 --hints lifecycle --hint-accuracy 0.9""")
 @click.argument("trace", type=click.Path(dir_okay=False))
 @click.option("--policy", "policy_name", default="kvtier", show_default=True,
               help="Placement policy: kvtier, lru, lfu, fifo, arc, s3fifo, opt (offline limit).")
@@ -45,10 +46,16 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None,
               help="Draw hit rate against capacity (1-20% of distinct blocks) for several policies to FILE.png.")
-def replay(trace, policy_name, capacity_blocks, tier_spec, as_json, plot_file):
+@click.option("--hints", type=click.Choice(["none", "lifecycle"]), default="none", show_default=True,
+              help="lifecycle: after each turn, send the hint an engine that knows its users would (resume if "
+                   "the conversation has a later turn in the trace, finished if not). It looks ahead like opt: "
+                   "it measures what engine hints are worth, not an online result.")
+@click.option("--hint-accuracy", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
+              help="Share of lifecycle hints that are right (the others say the opposite; seeded).")
+def replay(trace, policy_name, capacity_blocks, tier_spec, as_json, plot_file, hints, hint_accuracy):
     """Replay a KV-cache TRACE (Mooncake JSONL) against a placement policy."""
     from kvtier.policy.registry import policy_class
-    from kvtier.policy.replay import distinct_blocks, replay_single
+    from kvtier.policy.replay import distinct_blocks, lifecycle_hints, replay_single
     from kvtier.policy.trace import read_trace
 
     policy_class(policy_name)  # unknown name -> InputError before reading the trace
@@ -66,17 +73,20 @@ def replay(trace, policy_name, capacity_blocks, tier_spec, as_json, plot_file):
     n_distinct = distinct_blocks(requests)
     if capacity_blocks is None and tiers is None:
         capacity_blocks = max(1, n_distinct // 50)  # 2% of distinct blocks
+    hint_list = lifecycle_hints(requests, hint_accuracy) if hints == "lifecycle" else None
     update, close = _progress(len(requests))
     try:
         if tiers is not None:
             from kvtier.policy.tiers import replay_tiers
-            out = replay_tiers(requests, policy_name, tiers, progress=update).as_dict()
+            out = replay_tiers(requests, policy_name, tiers, progress=update, hints=hint_list).as_dict()
             out["requests"] = len(requests)
             out["distinct_blocks"] = n_distinct
         else:
-            out = replay_single(requests, policy_name, capacity_blocks, progress=update).as_dict()
+            out = replay_single(requests, policy_name, capacity_blocks, progress=update, hints=hint_list).as_dict()
     finally:
         close()
+    if hint_list is not None:
+        out["hints"] = {"kind": hints, "accuracy": hint_accuracy}
     if plot_file:
         from kvtier.policy.plot import plot_hit_rates
         plot_hit_rates(requests, plot_file, title=trace)

@@ -44,7 +44,7 @@ NVME_MAGIC = b"KVB1"
 RECLAIM_BATCH_BYTES = 8 << 20   # one step of background reclaim: ~2-3 ms of disk here, then requests again
 WRITEBACK_DEPTH = 2   # reclaim batches queued for the writer thread: the next is ready when one is done
 STATES = {"prefilling": SessionState.PREFILL, "decoding": SessionState.DECODE, "idle": SessionState.IDLE,
-          "finished": SessionState.FINISHED, "resume": SessionState.IDLE}
+          "finished": SessionState.FINISHED, "resume": SessionState.RESUME}
 BLOCK_TYPES = {t.name.lower(): int(t) for t in BlockType}
 
 
@@ -128,7 +128,7 @@ class Session:
     def __init__(self, sid, tenant, name):
         self.sid, self.tenant, self.name = sid, tenant, name
         self.state = "prefilling"
-        self.blocks: set[bytes] = set()
+        self.blocks: dict[bytes, None] = {}   # keys in the order the session took them on (a prefix first)
         self.created = time.time()
 
 
@@ -773,7 +773,7 @@ class Engine:
         for sid in b.sessions:
             s = self.sessions.get(sid)
             if s is not None:
-                s.blocks.discard(b.key)
+                s.blocks.pop(b.key, None)
 
     def _promote(self, b: Block, reason: str) -> bool:
         """Bring b up to the first memory tier with room (the first tier, else the next ones above it);
@@ -866,8 +866,7 @@ class Engine:
                 b = self.blocks.get(derive_key(salt, key_hash))
                 if self._mine(b, tenant, salt):
                     b.btype = BLOCK_TYPES.get(btype, btype) if isinstance(btype, str) else int(btype)
-        was = s.state
-        self.policies[0].session_hint(sid, STATES[state], time.monotonic() * 1e3)
+        was, asked = s.state, state
         if state == "decoding" and was != "decoding":
             for key in list(s.blocks):   # pinned where they are: the get before decoding brought them up
                 b = self.blocks.get(key)
@@ -888,13 +887,22 @@ class Engine:
                         self.counters["prefetches"] += 1
                         self._admit(b.tier, b, lambda p: p.admit_demoted(b.bid, None))
             state = "idle"
+        # every tier's policy hears it, after a resume's promotions: a finished or resuming session's blocks
+        # are re-ranked by what the engine says (see kvtier.policy.predictor), wherever they are
+        hinted = STATES[asked]
+        bids = None
+        if hinted in (SessionState.FINISHED, SessionState.RESUME):
+            bids = [b.bid for b in map(self.blocks.get, s.blocks) if b is not None]
+        now_ms = time.monotonic() * 1e3
+        for p in self.policies:
+            p.session_hint(sid, hinted, now_ms, bids)
         s.state = state
 
     def _attach(self, s: Session, b: Block) -> None:
         """b is now one of s's blocks; a decoding session pins what it takes on (and unpins it at idle)."""
         if b.key in s.blocks:
             return
-        s.blocks.add(b.key)
+        s.blocks[b.key] = None
         b.sessions.add(s.sid)
         if self.gpu is not None:
             self.gpu.shared(b)
@@ -1135,7 +1143,7 @@ class Engine:
             self._add(b)
             if s is not None:
                 b.sessions.add(sid)
-                s.blocks.add(key)
+                s.blocks[key] = None
             blocks.append(b)
         self.counters["puts"] += len(blocks)
         if self.metrics is not None:

@@ -101,8 +101,10 @@ class Policy(ABC):
         return self.offer(block, req, -1, False)
 
     # -- hints and introspection -----------------------------------------------------------------
-    def session_hint(self, session_id: int, state: SessionState, now_ms: float = 0.0) -> None:
-        """Session life-cycle events; baselines ignore them."""
+    def session_hint(self, session_id: int, state: SessionState, now_ms: float = 0.0,
+                     blocks: list[int] | None = None) -> None:
+        """Session life-cycle events; `blocks`: the session's blocks, where the caller knows them (default: the
+        blocks of its latest request). Baselines ignore them."""
 
     def explain(self, block: int) -> dict:
         return {"policy": self.name, "block": block, "resident": self.contains(block)}

@@ -33,9 +33,11 @@ whose own density is lower than every candidate's is declined (admission control
 cache's turnover time, which is measured, so nothing is tuned to one trace. Counts decay so the policy
 follows a changing workload.
 
-Sessions: hints (decode, idle, finished) are kept for prefetch: an idle session whose next turn is due,
-by the gaps between its earlier turns, has its blocks suggested for prefetch. A decoding session's blocks
-are pinned by the tier stack (kvtier.policy.tiers), which takes them out of any policy's reach.
+Sessions: hints (decode, idle, finished, resume) are kept for prefetch: an idle session whose next turn is
+due, by the gaps between its earlier turns, has its blocks suggested for prefetch. A decoding session's blocks
+are pinned by the tier stack (kvtier.policy.tiers), which takes them out of any policy's reach. Finished and
+resume hints also reach the predictor expert, which re-ranks the session's blocks by them (a finished
+session's blocks go first, down a tier where there is one; see kvtier.policy.predictor).
 """
 from __future__ import annotations
 
@@ -226,12 +228,12 @@ class HitDensityPolicy(ClassQueuePolicy):
         return self._admit_demoted(block, cls, t)
 
     # -- hints and introspection ------------------------------------------------------------------
-    def session_hint(self, session_id, state, now_ms=0.0):
+    def session_hint(self, session_id, state, now_ms=0.0, blocks=None):
         s = self.sessions.get(session_id)
         if s is None:
             s = self.sessions[session_id] = Session(session_id)
             self.sessions = trimmed(self.sessions, SESSIONS_KEPT)
-        s.state = state
+        s.state = SessionState.IDLE if state == SessionState.RESUME else state
         if state == SessionState.FINISHED:
             s.blocks = []
 
@@ -306,6 +308,10 @@ class KvtierPolicy(Policy):
         self._list = list(self._shadows.values())
         # the experts that learn from request_done (the recency ones do not: no call per request for them)
         self._learners = [s.request_done for s in self._list if type(s).request_done is not Policy.request_done]
+        # the experts that use hints, and the density expert whatever the experts (its sessions drive prefetch)
+        self._hinted = [s for s in self._list if type(s).session_hint is not Policy.session_hint]
+        if self.density not in self._hinted:
+            self._hinted.append(self.density)
         super().__init__(capacity_blocks)
         self._res: OrderedDict[int, None] = OrderedDict()   # resident blocks, least recently used first
         self._stale: deque[int] = deque()                  # resident blocks the leader no longer holds
@@ -432,14 +438,21 @@ class KvtierPolicy(Policy):
         res[block] = None
         return out
 
-    def _evict_one(self) -> int:
+    def _evict_one(self, ask_leader: bool = False) -> int:
         res, stale, lead = self._res, self._stale, self._lead
         while stale:
             v = stale.popleft()
             if v in res and not lead.contains(v):
                 del res[v]
                 return v
-        return res.popitem(last=False)[0]  # the leader holds all of ours: least recently used goes
+        if ask_leader:
+            # The leader holds all of ours: what it gives up first goes. A daemon asks for room (reclaim) before
+            # the leader is full; the leader drops each victim too, as the real cache no longer holds it.
+            while (v := lead.pop_victim()) is not None:
+                if v in res:
+                    del res[v]
+                    return v
+        return res.popitem(last=False)[0]  # least recently used
 
     def remove(self, block):
         for s in self._list:
@@ -447,7 +460,7 @@ class KvtierPolicy(Policy):
         return self._res.pop(block, 0) is None
 
     def pop_victim(self):
-        return self._evict_one() if self._res else None
+        return self._evict_one(ask_leader=True) if self._res else None
 
     def resize(self, capacity_blocks):
         self.capacity_blocks = max(0, capacity_blocks)
@@ -472,8 +485,9 @@ class KvtierPolicy(Policy):
     def sessions(self):
         return self.density.sessions
 
-    def session_hint(self, session_id, state, now_ms=0.0):
-        self.density.session_hint(session_id, state, now_ms)
+    def session_hint(self, session_id, state, now_ms=0.0, blocks=None):
+        for s in self._hinted:
+            s.session_hint(session_id, state, now_ms, blocks)
 
     def prefetch_suggestions(self, limit=16, now_ms: float | None = None) -> list[int]:
         """The density expert's session model decides what is due; the real cache says what is missing."""

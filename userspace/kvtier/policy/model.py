@@ -32,7 +32,8 @@ class SessionState(enum.IntEnum):
     PREFILL = 0
     DECODE = 1
     IDLE = 2      # between turns: may resume
-    FINISHED = 3
+    FINISHED = 3  # the engine says: no further turn (its prefix may still be shared)
+    RESUME = 4    # idle, and the engine says another turn is coming
 
 
 @dataclass(slots=True)

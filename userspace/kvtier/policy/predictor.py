@@ -9,7 +9,11 @@ from what is known when the request is offered:
 
   - the block: how often it was seen before (0, 1, 2, 3, 4+), whether it is the request's root or tail;
   - the request: prompt size and output size (log2 buckets), the share of new blocks;
-  - the session: turn number, time since its previous turn and its mean gap (log2 buckets of seconds).
+  - the session: turn number, time since its previous turn and its mean gap (log2 buckets of seconds);
+  - the engine's hint, when it sends one as a turn ends: finished (no further turn) or resume (another is
+    coming), alone and by times seen. A hint re-offers the session's blocks with it (session_hint): what the
+    engine knows about the session's future is the one signal a request stream lacks, and in chat traces it
+    decides most of the reuse. Wrong or useless hints get no weight, since the weight is learned like the rest.
 
 Labels arrive online: a block offered at request i is a positive when it is accessed again before
 i + W, a negative when W passes first (W: the ghost horizon, a multiple of the measured cache turnover).
@@ -30,7 +34,7 @@ import math
 from collections import deque
 
 from kvtier.policy.queues import SESSIONS_KEPT, ClassQueuePolicy, trimmed
-from kvtier.policy.model import Request
+from kvtier.policy.model import Request, SessionState
 
 P_LEVELS = 32               # quantisation of the predicted probability into cohorts
 AGE_STEPS_PER_OCTAVE = 4
@@ -101,6 +105,14 @@ _SEEN = _feature_ids("seen", range(5))
 _ROLE = _feature_ids("role", range(3))
 _SEEN_ROLE = _feature_ids("seen-role", [(sb, r) for sb in range(5) for r in range(3)])
 _BLOCK_FEATURES = {(sb, r): (_SEEN[sb], _ROLE[r], _SEEN_ROLE[sb, r]) for sb in range(5) for r in range(3)}
+# an engine's life-cycle hint, alone and by times seen (a finished conversation's shared prefix still comes back)
+_HINTS = {SessionState.FINISHED: 0, SessionState.RESUME: 1}
+_HINT = _feature_ids("hint", range(2))
+_HINT_SEEN = _feature_ids("hint-seen", [(h, sb) for h in range(2) for sb in range(5)])
+_HINT_FEATURES = {(h, sb): (_HINT[h], _HINT_SEEN[h, sb]) for h in range(2) for sb in range(5)}
+# the engine's word is believed before there is evidence (log-odds: finished -2, resume +1), so a hint acts from
+# the first request instead of a learning horizon later; the weights then move with the labels like any other
+_HINT_PRIOR = {_HINT[0]: -2.0, _HINT[1]: 1.0}
 
 
 def feature_names(feats) -> list[tuple]:
@@ -122,10 +134,11 @@ class ReusePredictorPolicy(ClassQueuePolicy):
 
     def __init__(self, capacity_blocks: int):
         super().__init__(capacity_blocks)
-        self._w: dict = {}                      # feature -> weight
+        self._w: dict = dict(_HINT_PRIOR)       # feature -> weight
         self._g2: dict = {}                     # feature -> AdaGrad sum of squared gradients
         self._seen: dict[int, int] = {}         # block -> times accessed
-        self._sess: dict[int, list] = {}        # session -> [turns, last arrival ms, mean gap s or None]
+        self._sess: dict[int, list] = {}        # session -> [turns, last arrival ms, mean gap s or None,
+                                                #             its latest request's features and blocks]
         self._pending: deque = deque()          # samples waiting for their label, oldest first
         self._gaps = [[0.0] * AGE_BUCKETS for _ in range(5)]  # per seen bucket: reuses per age bucket
         self._dropped = [0.0] * 5               # per seen bucket: blocks not reused within W
@@ -261,14 +274,17 @@ class ReusePredictorPolicy(ClassQueuePolicy):
         self._seen = trimmed(seen, self.history_blocks)
         sid = req.session_id
         if sid >= 0:
+            st = self._state_of(req)
+            feats = st[0] if st is not None else self._request_features(req, len(req.hash_ids))
             s = self._sess.pop(sid, None)
             if s is None:
-                s = [1, req.timestamp_ms, None]
+                s = [1, req.timestamp_ms, None, feats, req.hash_ids]
             else:
                 gap_s = (req.timestamp_ms - s[1]) / 1000.0
                 s[2] = gap_s if s[2] is None else 0.5 * s[2] + 0.5 * gap_s
                 s[0] += 1
                 s[1] = req.timestamp_ms
+                s[3], s[4] = feats, req.hash_ids
             self._sess[sid] = s
             self._sess = trimmed(self._sess, SESSIONS_KEPT)
         self._count_admitted(req)
@@ -282,6 +298,48 @@ class ReusePredictorPolicy(ClassQueuePolicy):
         self._ghost[block] = (sample, now, cohort[1])
         self._ghost_q.append((block, now))
         return self._admit(block, cohort, now)
+
+    def session_hint(self, session_id, state, now_ms=0.0, blocks=None):
+        """A finished or resuming session: its blocks are offered again, described by what the engine now says.
+
+        Each block's features become its latest request's plus the hint (by times seen), and it moves to the
+        cohort the model predicts for them, aged from now; its ghost now labels the new sample (and no longer
+        the old one), so the model learns online what each hint is worth: a wrong or useless hint earns no
+        weight. Blocks not resident keep teaching through their ghosts; nothing is admitted or evicted."""
+        h = _HINTS.get(state)
+        if h is None:
+            return
+        s = self._sess.get(session_id)
+        if s is not None:
+            base = s[3]
+            if blocks is None:
+                blocks = s[4]
+        elif blocks is not None:
+            base = (_BIAS,)
+        else:
+            return
+        now = self._clock
+        seen, ghost, ghost_q, where = self._seen, self._ghost, self._ghost_q, self._where
+        groups: dict = {}
+        last = len(blocks) - 1
+        for pos, b in enumerate(blocks):
+            sb = min(seen.get(b, 0), 4)
+            key = (sb, 0 if pos == 0 else (2 if pos == last else 1))
+            g = groups.get(key)
+            if g is None:
+                feats = base + _BLOCK_FEATURES[key] + _HINT_FEATURES[h, sb]
+                sample = _Sample(feats, now)
+                self._pending.append(sample)
+                g = groups[key] = (sample, (min(P_LEVELS - 1, int(self._predict(feats) * P_LEVELS)), sb))
+            sample, cohort = g
+            old = ghost.get(b)
+            if old is not None:
+                old[0].n -= 1
+            sample.n += 1
+            ghost[b] = (sample, now, sb)
+            ghost_q.append((b, now))
+            if b in where:
+                self._admit(b, cohort, now)
 
     def export_meta(self, block):
         cohort = self._where.get(block)

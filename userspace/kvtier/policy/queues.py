@@ -122,6 +122,12 @@ class ClassQueuePolicy(Policy):
     def contains(self, block):
         return block in self._where
 
+    def touch(self, block, count, now_ms=0.0):
+        """Direct access (eBPF heat): the block becomes the youngest of its class, as if offered again now."""
+        cls = self._where.get(block)
+        if count > 0 and cls is not None:
+            self._admit(block, cls, self._clock)
+
     def __len__(self):
         return len(self._where)
 

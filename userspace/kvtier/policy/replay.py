@@ -6,11 +6,12 @@ to the cache of N blocks. hit_rate = hits / all block accesses, the same for eve
 """
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvtier.policy.model import Request
+from kvtier.policy.model import Request, SessionState
 from kvtier.policy.registry import make_policy
 
 
@@ -50,9 +51,31 @@ def distinct_blocks(requests: list[Request]) -> int:
     return len(s)
 
 
+def lifecycle_hints(requests: list[Request], accuracy: float = 1.0, seed: int = 0) -> list[SessionState]:
+    """Per request, the hint an engine that knows its users would send when the turn ends: RESUME if the
+    conversation (the inferred session) has a later turn in the trace, FINISHED if not. It looks ahead, like
+    `opt`: it stands in for what a chat front end or an agent framework knows (a closed conversation, a pending
+    tool call). With `accuracy` < 1 each hint is the wrong one with probability 1 - accuracy."""
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"hint accuracy must be in [0, 1], got {accuracy}")
+    later: set[int] = set()
+    out = [SessionState.FINISHED] * len(requests)
+    rng = random.Random(seed)
+    for i in range(len(requests) - 1, -1, -1):
+        sid = requests[i].session_id
+        resumes = sid in later
+        later.add(sid)
+        if accuracy < 1.0 and rng.random() >= accuracy:
+            resumes = not resumes
+        out[i] = SessionState.RESUME if resumes else SessionState.FINISHED
+    return out
+
+
 def replay_single(requests: list[Request], policy_name: str, capacity_blocks: int,
-                  progress: Callable[[int], None] | None = None, policy=None) -> ReplayResult:
-    """Replay under the single-tier contract; `progress(n)` is called with requests done so far."""
+                  progress: Callable[[int], None] | None = None, policy=None,
+                  hints: list[SessionState] | None = None) -> ReplayResult:
+    """Replay under the single-tier contract; `progress(n)` is called with requests done so far. `hints[i]`,
+    if given, is sent for request i's session after its blocks are offered (see lifecycle_hints)."""
     if policy is None:
         policy = make_policy(policy_name, capacity_blocks, requests=requests)
     res = ReplayResult(policy=policy.name, capacity_blocks=capacity_blocks)
@@ -69,6 +92,8 @@ def replay_single(requests: list[Request], policy_name: str, capacity_blocks: in
                 on_hit(r.hash_ids[pos], r, pos)
         accesses += len(mask)
         evictions += len(end(r, mask))
+        if hints is not None:
+            policy.session_hint(r.session_id, hints[r.index], r.timestamp_ms)
         if len(policy) > capacity_blocks:  # the contract every policy is held to
             raise AssertionError(f"policy {policy.name} holds {len(policy)} > {capacity_blocks} blocks")
         if progress is not None and (r.index + 1) % step == 0:

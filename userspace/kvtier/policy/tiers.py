@@ -147,13 +147,15 @@ class TierStack:
     """N tiers, one policy instance each; the first tier is the working tier."""
 
     def __init__(self, policy_name: str, tiers: list[TierSpec], requests: list[Request] | None = None,
-                 cost: CostModel | None = None, urgency: bool = True, on_event=None):
+                 cost: CostModel | None = None, urgency: bool = True, on_event=None,
+                 hints: list[SessionState] | None = None):
         if not tiers:
             raise InputError("at least one tier is needed")
         self.tiers = tiers
         self.cost = cost or CostModel()
         self.urgency = urgency
         self.on_event = on_event  # on_event(kind, tier, block, time_ms) for evict/demote/drop/pin/unpin
+        self.hints = hints        # per request: the engine's hint when its turn ends (replay.lifecycle_hints)
         opts = {}
         from kvtier.policy.registry import policy_class
         if policy_class(policy_name).offline:
@@ -234,6 +236,9 @@ class TierStack:
             self.policies[0].capacity_blocks = max(0, self.tiers[0].capacity_blocks - len(self.pinned))
             for pos in freed:
                 self._offer_top(req, pos, hits[pos])   # a hit: resident when the request arrived
+            if self.hints is not None:
+                for p in self.policies:
+                    p.session_hint(req.session_id, self.hints[req.index], end)
 
     def step(self, req: Request) -> None:
         self._release_until(req.timestamp_ms)
@@ -262,6 +267,8 @@ class TierStack:
                 self._offer_top(req, pos, served[pos] is not None)
             for p in self.policies:
                 p.request_done(req)
+                if self.hints is not None:
+                    p.session_hint(req.session_id, self.hints[req.index], self.now_ms)
             return
         misses = sum(1 for t in served if t is None)
         prefill_ms, decode_ms = self.cost.busy_ms(req, misses)
@@ -291,8 +298,9 @@ class TierStack:
 
 
 def replay_tiers(requests: list[Request], policy_name: str, tiers: list[TierSpec], cost: CostModel | None = None,
-                 urgency: bool = True, on_event=None, progress=None) -> TierResult:
-    stack = TierStack(policy_name, tiers, requests, cost, urgency, on_event)
+                 urgency: bool = True, on_event=None, progress=None,
+                 hints: list[SessionState] | None = None) -> TierResult:
+    stack = TierStack(policy_name, tiers, requests, cost, urgency, on_event, hints)
     step = max(1, len(requests) // 100)
     for r in requests:
         stack.step(r)

@@ -2,7 +2,8 @@
 
 Most tests boot a real guest (5-15 s each under TCG); the option checks do not boot anything.
 Each booting test checks one part of the contract: exit status and argument vector, output streaming,
-cwd and the writable repository share, the dmesg scan, the timeout, crash detection, the module build.
+cwd and the writable repository share, the dmesg scan, the timeouts (a boot that never reaches CMD is retried
+once), crash detection, the module build.
 """
 import json
 import os
@@ -28,7 +29,7 @@ boots = pytest.mark.skipif(
 
 def vmtest(*args, env=None, timeout=300):
     return subprocess.run([sys.executable, str(VMTEST), *args], capture_output=True, text=True,
-                          env=dict(os.environ, VMTEST_KEEP="0", **(env or {})), timeout=timeout)
+                          env={**os.environ, "VMTEST_KEEP": "0", **(env or {})}, timeout=timeout)
 
 
 @pytest.fixture
@@ -46,6 +47,7 @@ def scratch():
     (["--timeout", "0", "--", "true"], "bad timeout '0'"),
     (["--timeout", "-3", "--", "true"], "bad timeout '-3'"),
     (["--timeout", "nan", "--", "true"], "bad timeout 'nan'"),
+    (["--boot-timeout", "-1", "--", "true"], "bad timeout '-1'"),
     (["--"], "missing '-- CMD"),
     (["true"], "missing '--' before the command"),
     ([], "missing '-- CMD"),
@@ -119,6 +121,32 @@ def test_timeout_kills_the_guest_with_124():
     assert done.returncode == 124, done.stderr
     assert "vmtest: timeout after 6 s" in done.stderr
     assert elapsed < 6 + 20
+
+
+@boots
+def test_boot_that_does_not_reach_cmd_is_retried_once_then_124(scratch):
+    # No guest reaches CMD in 0.3 s: both boots are cut short, CMD never runs, and the run ends long
+    # before --timeout with 124 and each boot's console kept.
+    marker = scratch / "ran"
+    started = time.monotonic()
+    done = vmtest("--boot-timeout", "0.3", "--timeout", "60", "--", "touch", str(marker),
+                  env={"VMTEST_KEEP": "1"})
+    elapsed = time.monotonic() - started
+    assert done.returncode == 124, done.stderr
+    assert done.stderr.count("the guest did not start CMD within 0.3 s of booting") == 2, done.stderr
+    assert "booting again" in done.stderr
+    assert not marker.exists()
+    assert elapsed < 40
+    kept = Path(done.stderr.rsplit("run files kept in ", 1)[1].strip())
+    try:
+        assert {"console.boot1.log", "console.boot2.log"} <= {p.name for p in kept.iterdir()}
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+    # a CMD that runs past the boot timeout is not a boot hang: "started" marks that CMD began
+    done = vmtest("--boot-timeout", "15", "--", "sh", "-c", "sleep 20; touch " + str(marker))
+    assert done.returncode == 0, done.stderr
+    assert "booting again" not in done.stderr
+    assert marker.exists()
 
 
 @boots

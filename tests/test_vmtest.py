@@ -150,6 +150,22 @@ def test_boot_that_does_not_reach_cmd_is_retried_once_then_124(scratch):
 
 
 @boots
+def test_console_keeps_the_boot_and_leaves_cmds_kernel_messages_to_dmesg():
+    # A hung boot is diagnosed from console.log, so the boot's messages are there; CMD's info messages are not
+    # (they would slow CMD on the serial port) but are in the run's dmesg.
+    done = vmtest("--", "sh", "-c", "echo '<6>vmtest-info-probe' >/dev/kmsg", env={"VMTEST_KEEP": "1"})
+    assert done.returncode == 0, done.stderr
+    kept = Path(done.stderr.rsplit("run files kept in ", 1)[1].strip())
+    try:
+        console = (kept / "console.log").read_text(errors="replace")
+        assert "Linux version" in console and "Freeing unused kernel" in console
+        assert "vmtest-info-probe" not in console
+        assert "vmtest-info-probe" in (kept / "dmesg").read_text(errors="replace")
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+
+
+@boots
 def test_guest_panic_is_a_failure():
     done = vmtest("--", "sh", "-c", "echo c >/proc/sysrq-trigger; exit 0")
     assert done.returncode == 125, done.stderr

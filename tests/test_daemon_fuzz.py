@@ -40,7 +40,8 @@ def value(rng, depth=0):
     if kind == 4:
         return [0.5, -1.0, 1e300, float("nan"), float("inf")][int(rng.integers(0, 5))]
     if kind == 5:
-        words = ["", "x", "decoding", "input", "history", "lru", "zz", "\ufffd", "a" * 300, "dram0", "nvme0"]
+        words = ["", "x", "decoding", "finished", "resume", "idle", "input", "history", "lru", "zz", "\ufffd",
+                 "a" * 300, "dram0", "nvme0"]
         return words[int(rng.integers(0, len(words)))]
     if kind == 6:
         return rng.integers(0, 256, int(rng.integers(0, 80)), dtype=np.uint8).tobytes()

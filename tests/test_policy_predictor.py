@@ -108,6 +108,31 @@ def test_engine_hints_are_learned_and_acted_on():
     assert len(lru) == 1
 
 
+def test_a_flood_of_hints_between_requests_costs_no_memory_and_the_last_word_labels():
+    # A daemon's client may send hints as fast as it likes; the policy's clock moves only with requests.
+    reqs = _two_kinds(300, long_output=8)
+    p = make_policy("kvtier-predict", 100)
+    replay_single(reqs, "kvtier-predict", 100, policy=p)
+    sid = reqs[-1].session_id
+    p.session_hint(sid, SessionState.FINISHED)
+    sizes = len(p._pending), len(p._ghost_q), len(p._heads or ()), len(p._crossings)
+    for i in range(4000):
+        p.session_hint(sid, SessionState.RESUME if i % 2 == 0 else SessionState.FINISHED)
+    p.session_hint(sid, SessionState.RESUME)
+    assert (len(p._pending), len(p._ghost_q), len(p._heads or ()), len(p._crossings)) == sizes
+    labelled = {p._ghost[b][0] for b in reqs[-1].hash_ids}
+    assert labelled and all(("hint", 1) in feature_names(s.feats) and ("hint", 0) not in feature_names(s.feats)
+                            for s in labelled)
+    # the next request moves the clock: the session is re-ranked again
+    nxt = Request(index=reqs[-1].index + 1, timestamp_ms=reqs[-1].timestamp_ms + 1, input_length=16,
+                  output_length=1, hash_ids=[10**9], session_id=-1)
+    p.begin_request(nxt)
+    p.end_request(nxt, [False])
+    before = len(p._pending)
+    p.session_hint(sid, SessionState.FINISHED)
+    assert len(p._pending) > before
+
+
 def test_hints_pay_off_in_a_tier_stack():
     reqs = _two_kinds(long_output=8)
     tiers = parse_tiers("dram:120,cxl:400")

@@ -140,6 +140,7 @@ class ReusePredictorPolicy(ClassQueuePolicy):
         self._sess: dict[int, list] = {}        # session -> [turns, last arrival ms, mean gap s or None,
                                                 #             its latest request's features and blocks]
         self._pending: deque = deque()          # samples waiting for their label, oldest first
+        self._hinted: dict[int, tuple] = {}     # session -> (clock of its last re-rank, its samples by block key)
         self._gaps = [[0.0] * AGE_BUCKETS for _ in range(5)]  # per seen bucket: reuses per age bucket
         self._dropped = [0.0] * 5               # per seen bucket: blocks not reused within W
         self._density: dict[tuple, float] = {}
@@ -305,9 +306,17 @@ class ReusePredictorPolicy(ClassQueuePolicy):
         Each block's features become its latest request's plus the hint (by times seen), and it moves to the
         cohort the model predicts for them, aged from now; its ghost now labels the new sample (and no longer
         the old one), so the model learns online what each hint is worth: a wrong or useless hint earns no
-        weight. Blocks not resident keep teaching through their ghosts; nothing is admitted or evicted."""
+        weight. Blocks not resident keep teaching through their ghosts; nothing is admitted or evicted.
+        A session is re-ranked once per clock tick: a later hint in the same tick only changes what its samples
+        say, so a flood of hints between requests costs neither memory nor queue moves."""
         h = _HINTS.get(state)
         if h is None:
+            return
+        now = self._clock
+        last = self._hinted.get(session_id)
+        if last is not None and last[0] == now:
+            for (sb, role), sample in last[1].items():
+                sample.feats = sample.feats[:-len(_HINT_FEATURES[h, sb])] + _HINT_FEATURES[h, sb]
             return
         s = self._sess.get(session_id)
         if s is not None:
@@ -318,9 +327,11 @@ class ReusePredictorPolicy(ClassQueuePolicy):
             base = (_BIAS,)
         else:
             return
-        now = self._clock
         seen, ghost, ghost_q, where = self._seen, self._ghost, self._ghost_q, self._where
         groups: dict = {}
+        self._hinted.pop(session_id, None)
+        self._hinted[session_id] = (now, samples := {})
+        self._hinted = trimmed(self._hinted, SESSIONS_KEPT)
         last = len(blocks) - 1
         for pos, b in enumerate(blocks):
             sb = min(seen.get(b, 0), 4)
@@ -328,7 +339,7 @@ class ReusePredictorPolicy(ClassQueuePolicy):
             g = groups.get(key)
             if g is None:
                 feats = base + _BLOCK_FEATURES[key] + _HINT_FEATURES[h, sb]
-                sample = _Sample(feats, now)
+                sample = samples[key] = _Sample(feats, now)
                 self._pending.append(sample)
                 g = groups[key] = (sample, (min(P_LEVELS - 1, int(self._predict(feats) * P_LEVELS)), sb))
             sample, cohort = g

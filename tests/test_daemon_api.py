@@ -244,6 +244,34 @@ def test_sighup_reloads_config_and_keeps_old_on_error(daemon_dir):
         assert d.stop() == 0
 
 
+def test_a_tenant_holds_at_most_max_sessions_and_sighup_changes_it(daemon_dir):
+    cfg = write_config(daemon_dir, extra="max_sessions_per_tenant = 3")
+    d = Daemon(daemon_dir, cfg).start()
+    try:
+        with Client(d.socket, "acme") as a, Client(d.socket, "globex") as b:
+            mine = [a.register_session(f"s{i}") for i in range(3)]
+            with pytest.raises(DaemonError) as e:
+                a.register_session("one too many")
+            assert e.value.errno == errno.EDQUOT and "max_sessions_per_tenant" in str(e.value)
+            assert len([b.register_session(f"t{i}") for i in range(3)]) == 3   # another tenant's own quota
+            a.end_session(mine.pop())
+            mine.append(a.register_session("after one ended"))
+            cfg.write_text(cfg.read_text().replace("max_sessions_per_tenant = 3", "max_sessions_per_tenant = 5"))
+            d.signal(signal.SIGHUP)
+            assert wait_for(lambda: "reloaded" in d.log.read_text())
+            mine += [a.register_session(f"more{i}") for i in range(2)]
+            with pytest.raises(DaemonError):
+                a.register_session("sixth")
+            assert d.stats()["sessions"] == 5 + 3 and d.alive()
+    finally:
+        assert d.stop() == 0
+    for value in ("0", "true", '"many"', "2147483648"):
+        p = daemon_dir / "bad.toml"
+        p.write_text(f"max_sessions_per_tenant = {value}\n")
+        out = subprocess.run([KVTIERD, "--config", str(p), "--check"], capture_output=True, text=True)
+        assert out.returncode == 2 and "max_sessions_per_tenant" in out.stderr, (value, out.stderr)
+
+
 def test_metrics_endpoint_serves_the_families(daemon_dir):
     cfg = write_config(daemon_dir, metrics='"127.0.0.1:0"')
     d = Daemon(daemon_dir, cfg).start()

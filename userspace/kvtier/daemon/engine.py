@@ -835,6 +835,10 @@ class Engine:
 
     # -- API ops -------------------------------------------------------------------------------------
     def register_session(self, tenant: str, name: str) -> int:
+        held, most = self.tenant_sessions.get(tenant, 0), self.cfg.max_sessions_per_tenant
+        if held >= most:
+            raise err(errno.EDQUOT, f"tenant {tenant!r} holds {held} open sessions, the most that "
+                                    f"max_sessions_per_tenant allows; end some first")
         sid = next(self._ids)
         self.sessions[sid] = Session(sid, tenant, name or f"s{sid}")
         self.tenant_sessions[tenant] = self.tenant_sessions.get(tenant, 0) + 1

@@ -371,6 +371,7 @@ class Server:
         if new.policy != self.engine.policy_name:
             self._set_policy(new.policy)
         self.cfg.gc_freeze = self.collector.freeze = new.gc_freeze
+        self.cfg.max_sessions_per_tenant = new.max_sessions_per_tenant   # sessions already open stay open
         self.engine.set_limits([t.capacity_bytes for t in new.tiers])
         self.engine.set_free_targets([t.free_target_bytes for t in new.tiers])
         log.info("reloaded %s: policy %s, capacities %s", self.config_path or "(embedded default)", new.policy,

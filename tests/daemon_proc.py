@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -111,8 +112,9 @@ def wait_serving(proc: subprocess.Popen, socket_path: str, log: Path, timeout_s:
 
 
 class Daemon:
-    def __init__(self, directory: Path, cfg: Path, log_level="info", env=None):
+    def __init__(self, directory: Path, cfg: Path, log_level="info", env=None, nofile=None):
         self.dir, self.cfg = directory, cfg
+        self.nofile = nofile   # RLIMIT_NOFILE for the daemon, if given
         self.socket = str(directory / "kvtierd.sock")
         self.log = directory / "kvtierd.log"
         self.log_level = log_level
@@ -121,8 +123,11 @@ class Daemon:
 
     def start(self, timeout_s=20.0) -> "Daemon":
         logf = open(self.log, "ab")
+        limit = None if self.nofile is None else (
+            lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile)))
         self.proc = subprocess.Popen([KVTIERD, "--config", str(self.cfg), "--log-level", self.log_level],
-                                     stdout=logf, stderr=logf, env={**os.environ, **(self.env or {})})
+                                     stdout=logf, stderr=logf, env={**os.environ, **(self.env or {})},
+                                     preexec_fn=limit)
         logf.close()
         wait_serving(self.proc, self.socket, self.log, timeout_s)
         return self

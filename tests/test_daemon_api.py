@@ -272,6 +272,31 @@ def test_a_tenant_holds_at_most_max_sessions_and_sighup_changes_it(daemon_dir):
         assert out.returncode == 2 and "max_sessions_per_tenant" in out.stderr, (value, out.stderr)
 
 
+def test_out_of_descriptors_it_refuses_new_connections_and_keeps_serving(daemon_dir):
+    # a client that opens connections and never closes them runs the daemon out of file descriptors
+    d = Daemon(daemon_dir, write_config(daemon_dir), nofile=64).start()
+    try:
+        with Client(d.socket, "acme") as kv:
+            kv.put(None, [(1, "input", block_bytes(1, 16 << 10))])
+            hogs = []
+            for _ in range(100):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                s.settimeout(10)
+                s.connect(d.socket)
+                hogs.append(s)
+            try:
+                assert hogs[-1].recv(64) == b""   # accepted and closed at once: EOF, not a hang
+            except ConnectionResetError:
+                pass
+            assert kv.get(None, [1])[0].tobytes() == block_bytes(1, 16 << 10)
+            for s in hogs:
+                s.close()
+        assert wait_for(lambda: d.alive() and d.stats()["connections_shed"] > 0)
+        assert "connection refused: Too many open files" in d.log.read_text()
+    finally:
+        assert d.stop() == 0
+
+
 def test_metrics_endpoint_serves_the_families(daemon_dir):
     cfg = write_config(daemon_dir, metrics='"127.0.0.1:0"')
     d = Daemon(daemon_dir, cfg).start()

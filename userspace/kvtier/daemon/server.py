@@ -217,6 +217,10 @@ class Server:
         os.chmod(path, self.cfg.socket_mode)
         self.lsock.listen(128)
         self.sel.register(self.lsock, selectors.EVENT_READ, None)
+        # held for the moment the process is out of file descriptors: closed to accept (and close) the waiting
+        # peer, else the listening socket stays readable and the loop spins
+        self.spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        self.shed, self.shed_logged = 0, 0.0
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -389,6 +393,10 @@ class Server:
             sock, _ = self.lsock.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._shed(e)
+            return   # else (ECONNABORTED, ...) that peer is gone
         pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         groups = peer_groups(pid) | {gid}
         refused = uid not in (0, os.getuid()) and self.cfg.gid not in groups
@@ -402,6 +410,28 @@ class Server:
         conn.refused = refused
         self.conns[sock.fileno()] = conn
         self.sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _shed(self, why: OSError) -> None:
+        """Out of file descriptors: the waiting peer is accepted and closed at once (it reads ECONNRESET), using
+        the spare descriptor, so the daemon keeps serving the connections it has instead of failing."""
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
+        try:
+            self.lsock.accept()[0].close()
+            self.shed += 1
+        except OSError:
+            pass
+        try:
+            self.spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass   # taken again at the next shed
+        now = time.monotonic()
+        if now - self.shed_logged >= 10.0:
+            self.shed_logged = now
+            log.warning("connection refused: %s (%d connections open, %d refused so far); raise LimitNOFILE or "
+                        "find the client that does not close its connections", why.strerror, len(self.conns),
+                        self.shed)
 
     def _close(self, conn: Connection) -> None:
         self._drop_staged(conn)
@@ -787,7 +817,8 @@ class Server:
         from kvtier import kmod
         if scope is None:
             st = self.engine.status()
-            st.update(connections=len(self.conns), metrics_port=self.metrics_port, collector=self.collector.status())
+            st.update(connections=len(self.conns), connections_shed=self.shed, metrics_port=self.metrics_port,
+                      collector=self.collector.status())
         else:
             # Other tenants' volume and hit rates are theirs: a tenant sees the tiers' sizes and its own counts.
             eng = self.engine

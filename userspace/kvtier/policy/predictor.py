@@ -140,7 +140,8 @@ class ReusePredictorPolicy(ClassQueuePolicy):
         self._sess: dict[int, list] = {}        # session -> [turns, last arrival ms, mean gap s or None,
                                                 #             its latest request's features and blocks]
         self._pending: deque = deque()          # samples waiting for their label, oldest first
-        self._hinted: dict[int, tuple] = {}     # session -> (clock of its last re-rank, its samples by block key)
+        self._hinted: dict[int, tuple] = {}     # session -> (clock of its last re-rank,
+                                                #             {block key: (sample, cohort)} of that re-rank)
         self._gaps = [[0.0] * AGE_BUCKETS for _ in range(5)]  # per seen bucket: reuses per age bucket
         self._dropped = [0.0] * 5               # per seen bucket: blocks not reused within W
         self._density: dict[tuple, float] = {}
@@ -315,7 +316,7 @@ class ReusePredictorPolicy(ClassQueuePolicy):
         now = self._clock
         last = self._hinted.get(session_id)
         if last is not None and last[0] == now:
-            for (sb, role), sample in last[1].items():
+            for (sb, role), (sample, _) in last[1].items():
                 sample.feats = sample.feats[:-len(_HINT_FEATURES[h, sb])] + _HINT_FEATURES[h, sb]
             return
         s = self._sess.get(session_id)
@@ -328,9 +329,8 @@ class ReusePredictorPolicy(ClassQueuePolicy):
         else:
             return
         seen, ghost, ghost_q, where = self._seen, self._ghost, self._ghost_q, self._where
-        groups: dict = {}
         self._hinted.pop(session_id, None)
-        self._hinted[session_id] = (now, samples := {})
+        self._hinted[session_id] = (now, groups := {})
         self._hinted = trimmed(self._hinted, SESSIONS_KEPT)
         last = len(blocks) - 1
         for pos, b in enumerate(blocks):
@@ -339,7 +339,7 @@ class ReusePredictorPolicy(ClassQueuePolicy):
             g = groups.get(key)
             if g is None:
                 feats = base + _BLOCK_FEATURES[key] + _HINT_FEATURES[h, sb]
-                sample = samples[key] = _Sample(feats, now)
+                sample = _Sample(feats, now)
                 self._pending.append(sample)
                 g = groups[key] = (sample, (min(P_LEVELS - 1, int(self._predict(feats) * P_LEVELS)), sb))
             sample, cohort = g

@@ -236,9 +236,13 @@ class TierStack:
             self.policies[0].capacity_blocks = max(0, self.tiers[0].capacity_blocks - len(self.pinned))
             for pos in freed:
                 self._offer_top(req, pos, hits[pos])   # a hit: resident when the request arrived
-            if self.hints is not None:
-                for p in self.policies:
-                    p.session_hint(req.session_id, self.hints[req.index], end)
+            self._send_hint(req, end)
+
+    def _send_hint(self, req: Request, now_ms: float) -> None:
+        """The engine's hint as req's turn ends, to every tier's policy (after the turn's blocks were offered)."""
+        if self.hints is not None:
+            for p in self.policies:
+                p.session_hint(req.session_id, self.hints[req.index], now_ms)
 
     def step(self, req: Request) -> None:
         self._release_until(req.timestamp_ms)
@@ -267,8 +271,7 @@ class TierStack:
                 self._offer_top(req, pos, served[pos] is not None)
             for p in self.policies:
                 p.request_done(req)
-                if self.hints is not None:
-                    p.session_hint(req.session_id, self.hints[req.index], self.now_ms)
+            self._send_hint(req, self.now_ms)
             return
         misses = sum(1 for t in served if t is None)
         prefill_ms, decode_ms = self.cost.busy_ms(req, misses)

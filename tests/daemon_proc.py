@@ -12,7 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
+import numpy.random  # noqa: F401  (block_bytes: imported before a test forks a child that drops to uid nobody,
+import pytest         #  which may not be able to read the interpreter's library to import it then)
 
 from kvtier.client import admin_call
 

@@ -265,11 +265,51 @@ def test_a_tenant_holds_at_most_max_sessions_and_sighup_changes_it(daemon_dir):
             assert d.stats()["sessions"] == 5 + 3 and d.alive()
     finally:
         assert d.stop() == 0
-    for value in ("0", "true", '"many"', "2147483648"):
-        p = daemon_dir / "bad.toml"
-        p.write_text(f"max_sessions_per_tenant = {value}\n")
-        out = subprocess.run([KVTIERD, "--config", str(p), "--check"], capture_output=True, text=True)
-        assert out.returncode == 2 and "max_sessions_per_tenant" in out.stderr, (value, out.stderr)
+    for key in ("max_sessions_per_tenant", "max_connections_per_uid"):
+        for value in ("0", "true", '"many"', "2147483648"):
+            p = daemon_dir / "bad.toml"
+            p.write_text(f"{key} = {value}\n")
+            out = subprocess.run([KVTIERD, "--config", str(p), "--check"], capture_output=True, text=True)
+            assert out.returncode == 2 and key in out.stderr, (value, out.stderr)
+
+
+def test_a_uid_holds_at_most_max_connections_and_other_uids_are_not_refused(daemon_dir):
+    # a client that leaks connections uses up its own uid's share, not the descriptors every other user needs
+    cfg = write_config(daemon_dir, extra='group = "nogroup"\nsocket_mode = 0o666\nmax_connections_per_uid = 2')
+    d = Daemon(daemon_dir, cfg).start()
+    try:
+        a, b = Client(d.socket, "acme"), Client(d.socket, "acme")
+        a.put(None, [(1, "input", block_bytes(1, BLOCK))])
+        with pytest.raises(DaemonError) as e:
+            Client(d.socket, "acme")
+        assert e.value.errno == errno.EDQUOT and "max_connections_per_uid" in str(e.value)
+        with pytest.raises(DaemonError) as e:   # kvctl's one-shot calls are connections of their uid too
+            admin_call(d.socket, "stats")
+        assert e.value.errno == errno.EDQUOT
+
+        def two_of_its_own():
+            try:
+                with Client(d.socket, "guest") as x, Client(d.socket, "guest"):
+                    x.put(None, [(2, "input", block_bytes(2, BLOCK))])
+                    return 0 if x.get(None, [2])[0].tobytes() == block_bytes(2, BLOCK) else 13
+            except DaemonError as e:
+                return 10 if e.errno == errno.EDQUOT else 11
+            except OSError:
+                return 12
+        assert _as_nobody(two_of_its_own) == 0
+        assert a.get(None, [1])[0].tobytes() == block_bytes(1, BLOCK)   # the ones it holds are served
+        b.close()
+        with Client(d.socket, "acme") as c:   # a closed connection frees its place
+            assert c.contains([1])[0] is not None
+            cfg.write_text(cfg.read_text().replace("max_connections_per_uid = 2", "max_connections_per_uid = 3"))
+            d.signal(signal.SIGHUP)
+            assert wait_for(lambda: "reloaded" in d.log.read_text())
+            assert d.stats()["connections_over_quota"] == 2   # (the third connection of two)
+        a.close()
+        st = d.stats()
+        assert st["connections"] == 1 and d.alive()   # this one: the others' places were all given back
+    finally:
+        assert d.stop() == 0
 
 
 def test_out_of_descriptors_it_refuses_new_connections_and_keeps_serving(daemon_dir):
@@ -295,6 +335,46 @@ def test_out_of_descriptors_it_refuses_new_connections_and_keeps_serving(daemon_
         assert "connection refused: Too many open files" in d.log.read_text()
     finally:
         assert d.stop() == 0
+
+
+def test_out_of_descriptors_system_wide_pauses_accepting_instead_of_spinning(daemon_dir, monkeypatch):
+    # ENFILE: even the spare descriptor cannot be had back, so the waiting peer cannot be accepted and closed.
+    # The listening socket stays readable; polling it again at once would spin the loop at 100% CPU.
+    # (The whole system's file table cannot be filled here: root is exempt from it. The error is injected.)
+    import selectors
+    import time
+
+    from kvtier.daemon import server as srv
+
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lsock.bind(str(daemon_dir / "l.sock"))
+    lsock.listen()
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    peer.connect(str(daemon_dir / "l.sock"))
+
+    class Full:
+        fileno = lsock.fileno
+
+        def accept(self):
+            raise OSError(errno.ENFILE, os.strerror(errno.ENFILE))
+
+    def no_file(*a):
+        raise OSError(errno.ENFILE, os.strerror(errno.ENFILE))
+    s = object.__new__(srv.Server)
+    s.lsock, s.sel, s.conns = Full(), selectors.DefaultSelector(), {}
+    s.spare_fd, s.shed, s.shed_logged, s.accept_paused_until = os.open("/dev/null", os.O_RDONLY), 0, 0.0, 0.0
+    s.sel.register(s.lsock, selectors.EVENT_READ, None)
+    assert s.sel.select(0)   # the peer waits
+    monkeypatch.setattr(srv.os, "open", no_file)
+    s._accept()
+    assert s.sel.select(0) == [] and s.accept_paused_until > time.monotonic()   # not polled while it waits
+    s._resume_accept()
+    assert s.sel.select(0) == []   # (too soon)
+    time.sleep(srv.ACCEPT_PAUSE_S)
+    s._resume_accept()
+    assert s.sel.select(0) and s.accept_paused_until == 0.0   # looked at again: accepting may work by now
+    peer.close()
+    lsock.close()
 
 
 def test_metrics_endpoint_serves_the_families(daemon_dir):

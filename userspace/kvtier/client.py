@@ -135,7 +135,11 @@ class Client:
     def _call(self, op: str, _want_fds: bool = False, **fields) -> dict:
         self._id += 1
         fields["op"], fields["id"] = op, self._id
-        protocol.send(self.sock, fields)
+        try:
+            protocol.send(self.sock, fields)
+        except (BrokenPipeError, ConnectionResetError):
+            self._reply()   # a daemon that refused the connection said why before closing it: raise that
+            raise
         try:
             self._collect_commits()
         except DaemonError as e:
@@ -609,7 +613,10 @@ def admin_call(socket_path: str, op: str, tenant: str | None = None, **fields) -
         msgs = ([{"op": "hello", "id": 1, "tenant": tenant, "version": protocol.VERSION}] if tenant else [])
         msgs.append({**fields, "op": op, "id": 2})
         for msg in msgs:
-            protocol.send(sock, msg)
+            try:
+                protocol.send(sock, msg)
+            except (BrokenPipeError, ConnectionResetError):
+                pass   # refused: the daemon's reply, read next, says why
             data, fds, _ = protocol.recv_reply(sock, 0)
             for fd in fds:
                 os.close(fd)   # hello's arenas: this one-shot call moves no block bytes

@@ -12,6 +12,8 @@
     shutdown_flush_s = 20                 # on SIGTERM, copy memory-only blocks to NVMe for up to this long,
                                           # so a restart serves them (0: off; keep under TimeoutStopSec)
     max_sessions_per_tenant = 65536       # open sessions a tenant may hold: beyond, register_session is EDQUOT
+    max_connections_per_uid = 1024        # connections one uid may hold open: beyond, a new one is refused
+                                          # (EDQUOT), so one user cannot take every descriptor the daemon has
 
     [blocks]
     min_bytes = 1
@@ -74,10 +76,11 @@ DEFAULT_DRAM_FRACTION = 0.25   # of MemAvailable: leave the machine room for the
 DEFAULT_NVME_FRACTION = 0.5    # of the state directory's free disk
 DEFAULT_FREE_TARGET = "2%"     # of a memory tier with a tier below: reclaimed in the background (Engine.reclaim)
 DEFAULT_MAX_SESSIONS = 65536   # per tenant: a client that never ends its sessions cannot grow the daemon for ever
+DEFAULT_MAX_CONNECTIONS = 1024   # per uid: one user's leaked connections cannot use up the daemon's descriptors
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
 _TOP_KEYS = {"socket", "group", "socket_mode", "state_dir", "policy", "metrics", "blocks", "tiers", "tenants",
-             "shutdown_flush_s", "max_sessions_per_tenant",
+             "shutdown_flush_s", "max_sessions_per_tenant", "max_connections_per_uid",
              "busy_poll_us", "gc_freeze", "admins", "cluster", "probes"}
 
 
@@ -127,6 +130,7 @@ class Config:
     gc_freeze: bool = True   # see daemon.server.Collector
     shutdown_flush_s: float = 20.0   # SIGTERM: copy memory-only blocks to NVMe for this long (0: off)
     max_sessions_per_tenant: int = DEFAULT_MAX_SESSIONS   # open sessions per tenant (register_session: EDQUOT)
+    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS   # open connections per peer uid (beyond: EDQUOT)
     admin_uids: tuple = ()   # besides root and the daemon's uid (tuples: --check prints them as JSON lists)
     admin_gids: tuple = ()
     cluster: object = None   # kvtier.store.cluster.ClusterConfig when [cluster] is configured
@@ -276,6 +280,9 @@ def from_dict(d: dict, source: str) -> Config:
     max_sessions = d.get("max_sessions_per_tenant", DEFAULT_MAX_SESSIONS)
     if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or not 1 <= max_sessions < 1 << 31:
         raise InputError(f"{w}max_sessions_per_tenant: expected 1..{(1 << 31) - 1} sessions, got {max_sessions!r}")
+    max_conns = d.get("max_connections_per_uid", DEFAULT_MAX_CONNECTIONS)
+    if isinstance(max_conns, bool) or not isinstance(max_conns, int) or not 1 <= max_conns < 1 << 31:
+        raise InputError(f"{w}max_connections_per_uid: expected 1..{(1 << 31) - 1} connections, got {max_conns!r}")
     busy = d.get("busy_poll_us", 500)
     if not 0 <= busy <= 100_000:
         raise InputError(f"{w}busy_poll_us: expected 0..100000 microseconds, got {busy!r}")
@@ -317,7 +324,7 @@ def from_dict(d: dict, source: str) -> Config:
                   metrics_host=mhost, metrics_port=mport, min_block_bytes=min_b, max_block_bytes=max_b,
                   nominal_block_bytes=nominal, tiers=tiers, tenants=tenants, source=source, busy_poll_us=busy,
                   gc_freeze=d.get("gc_freeze", True), shutdown_flush_s=float(flush_s),
-                  max_sessions_per_tenant=max_sessions,
+                  max_sessions_per_tenant=max_sessions, max_connections_per_uid=max_conns,
                   admin_uids=admin_uids, admin_gids=admin_gids, cluster=cluster, absent_tiers=absent_tiers,
                   probes=probes)
 

@@ -142,18 +142,25 @@ def default_spin_s() -> float:
 
 def recv_reply(sock: socket.socket, spin_s: float = 0.0, buf: bytearray | None = None):
     """recv() after spinning up to spin_s on a non-blocking receive (see Latency above)."""
-    if spin_s > 0:
-        deadline = time.perf_counter() + spin_s
-        while True:
-            try:
-                return recv(sock, MSG_DONTWAIT, buf)
-            except BlockingIOError:
-                if time.perf_counter() > deadline:
-                    break
     try:
+        if spin_s > 0:
+            deadline = time.perf_counter() + spin_s
+            while True:
+                try:
+                    return recv(sock, MSG_DONTWAIT, buf)
+                except BlockingIOError:
+                    if time.perf_counter() > deadline:
+                        break
         return recv(sock, 0, buf)
     except BlockingIOError:   # SO_RCVTIMEO ran out
         raise TimeoutError(errno.ETIMEDOUT, "kvtierd did not answer in time") from None
+    except ConnectionResetError:
+        # the daemon closed with our message unread, maybe after a last reply saying why (a refused
+        # connection): the reset is reported first, and the reply is still queued behind it
+        try:
+            return recv(sock, MSG_DONTWAIT, buf)
+        except OSError:
+            raise ConnectionResetError(errno.ECONNRESET, "kvtierd closed the connection") from None
 
 
 def recv(sock: socket.socket, flags: int = 0, buf: bytearray | None = None) -> tuple[bytes, list[int], bool]:

@@ -22,6 +22,7 @@ import gc
 import itertools
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -35,6 +36,7 @@ from kvtier.errors import InputError
 log = logging.getLogger("kvtier.daemon")
 
 PREFETCH_EVERY_S = 1.0
+ACCEPT_PAUSE_S = 0.1   # out of descriptors system-wide: how long accepting waits before it tries again
 GC_GEN0_OBJECTS = 50_000   # allocations between young collections (CPython default 700); see Collector
 
 
@@ -217,10 +219,21 @@ class Server:
         os.chmod(path, self.cfg.socket_mode)
         self.lsock.listen(128)
         self.sel.register(self.lsock, selectors.EVENT_READ, None)
+        # epoll has no FD_SETSIZE: take the whole descriptor limit the service was given (systemd's default soft
+        # limit is 1024, its hard one far higher; LimitNOFILE= sets both)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            except (ValueError, OSError):
+                pass
         # held for the moment the process is out of file descriptors: closed to accept (and close) the waiting
         # peer, else the listening socket stays readable and the loop spins
         self.spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self.shed, self.shed_logged = 0, 0.0
+        self.accept_paused_until = 0.0   # out of descriptors even with the spare: stop accepting until then
+        self.uid_conns: dict[int, int] = {}   # peer uid -> connections open (max_connections_per_uid)
+        self.over_quota, self.over_quota_logged = 0, 0.0
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -261,6 +274,9 @@ class Server:
             timeout = min(PREFETCH_EVERY_S, ping_s) if ping_s else PREFETCH_EVERY_S
             if self.heat.probes is not None:
                 timeout = min(timeout, self.heat.interval_s)
+            if self.accept_paused_until:
+                self._resume_accept()
+                timeout = min(timeout, ACCEPT_PAUSE_S)
             if spin_until or reclaim:
                 # busy-poll right after a request: the next one usually follows within microseconds
                 events = self.sel.select(0)
@@ -376,6 +392,7 @@ class Server:
             self._set_policy(new.policy)
         self.cfg.gc_freeze = self.collector.freeze = new.gc_freeze
         self.cfg.max_sessions_per_tenant = new.max_sessions_per_tenant   # sessions already open stay open
+        self.cfg.max_connections_per_uid = new.max_connections_per_uid   # so do connections
         self.engine.set_limits([t.capacity_bytes for t in new.tiers])
         self.engine.set_free_targets([t.free_target_bytes for t in new.tiers])
         log.info("reloaded %s: policy %s, capacities %s", self.config_path or "(embedded default)", new.policy,
@@ -398,6 +415,10 @@ class Server:
                 self._shed(e)
             return   # else (ECONNABORTED, ...) that peer is gone
         pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if self.uid_conns.get(uid, 0) >= self.cfg.max_connections_per_uid:
+            self._over_quota(sock, uid, pid)
+            return
+        self.uid_conns[uid] = self.uid_conns.get(uid, 0) + 1
         groups = peer_groups(pid) | {gid}
         refused = uid not in (0, os.getuid()) and self.cfg.gid not in groups
         if refused:
@@ -411,27 +432,60 @@ class Server:
         self.conns[sock.fileno()] = conn
         self.sel.register(sock, selectors.EVENT_READ, conn)
 
+    def _over_quota(self, sock: socket.socket, uid: int, pid: int) -> None:
+        """uid holds max_connections_per_uid connections already: say why in one reply (the client raises it as
+        the answer to its hello) and close, so one user cannot take every descriptor from the others."""
+        self.over_quota += 1
+        try:
+            protocol.send(sock, {"id": 0, "ok": False, "errno": errno.EDQUOT,
+                                 "error": f"uid {uid} holds {self.uid_conns[uid]} connections, as many as "
+                                          f"max_connections_per_uid allows; close some first"})
+            while sock.recv(64, socket.MSG_DONTWAIT):   # its hello: closing with it unread would reset the peer,
+                pass                                     # which then reads ECONNRESET instead of this reply
+        except OSError:
+            pass   # the peer is gone already, or sent nothing yet (it reads this reply after EPIPE)
+        sock.close()
+        now = time.monotonic()
+        if now - self.over_quota_logged >= 10.0:
+            self.over_quota_logged = now
+            log.warning("refused a connection of uid %d (pid %d): it holds %d (max_connections_per_uid); %d refused "
+                        "so far", uid, pid, self.uid_conns[uid], self.over_quota)
+
     def _shed(self, why: OSError) -> None:
         """Out of file descriptors: the waiting peer is accepted and closed at once (it reads ECONNRESET), using
-        the spare descriptor, so the daemon keeps serving the connections it has instead of failing."""
+        the spare descriptor, so the daemon keeps serving the connections it has instead of failing. If even that
+        fails (the whole system is out: ENFILE), accepting pauses for ACCEPT_PAUSE_S: the listening socket stays
+        readable, and polling it again at once would spin the loop."""
         if self.spare_fd is not None:
             os.close(self.spare_fd)
             self.spare_fd = None
         try:
             self.lsock.accept()[0].close()
             self.shed += 1
+        except (BlockingIOError, InterruptedError):
+            pass   # the peer gave up meanwhile
         except OSError:
-            pass
+            self._pause_accept()
         try:
             self.spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            pass   # taken again at the next shed
+            self._pause_accept()   # taken again at the next shed
         now = time.monotonic()
         if now - self.shed_logged >= 10.0:
             self.shed_logged = now
             log.warning("connection refused: %s (%d connections open, %d refused so far); raise LimitNOFILE or "
                         "find the client that does not close its connections", why.strerror, len(self.conns),
                         self.shed)
+
+    def _pause_accept(self) -> None:
+        if not self.accept_paused_until:
+            self.sel.unregister(self.lsock)
+        self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
+
+    def _resume_accept(self) -> None:
+        if self.accept_paused_until and time.monotonic() >= self.accept_paused_until:
+            self.accept_paused_until = 0.0
+            self.sel.register(self.lsock, selectors.EVENT_READ, None)
 
     def _close(self, conn: Connection) -> None:
         self._drop_staged(conn)
@@ -448,7 +502,10 @@ class Server:
             self.sel.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
-        self.conns.pop(conn.sock.fileno(), None)
+        if self.conns.pop(conn.sock.fileno(), None) is conn:
+            left = self.uid_conns.pop(conn.uid) - 1
+            if left:
+                self.uid_conns[conn.uid] = left
         conn.sock.close()
         if conn.domain is not None and not any(c.domain == conn.domain for c in self.conns.values()):
             self.engine.release_domain(conn.domain)   # kept while it stores blocks
@@ -817,7 +874,8 @@ class Server:
         from kvtier import kmod
         if scope is None:
             st = self.engine.status()
-            st.update(connections=len(self.conns), connections_shed=self.shed, metrics_port=self.metrics_port,
+            st.update(connections=len(self.conns), connections_shed=self.shed,
+                      connections_over_quota=self.over_quota, metrics_port=self.metrics_port,
                       collector=self.collector.status())
         else:
             # Other tenants' volume and hit rates are theirs: a tenant sees the tiers' sizes and its own counts.

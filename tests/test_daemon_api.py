@@ -265,12 +265,37 @@ def test_a_tenant_holds_at_most_max_sessions_and_sighup_changes_it(daemon_dir):
             assert d.stats()["sessions"] == 5 + 3 and d.alive()
     finally:
         assert d.stop() == 0
-    for key in ("max_sessions_per_tenant", "max_connections_per_uid"):
+    for key in ("max_sessions_per_tenant", "max_sessions_per_uid", "max_connections_per_uid"):
         for value in ("0", "true", '"many"', "2147483648"):
             p = daemon_dir / "bad.toml"
             p.write_text(f"{key} = {value}\n")
             out = subprocess.run([KVTIERD, "--config", str(p), "--check"], capture_output=True, text=True)
             assert out.returncode == 2 and key in out.stderr, (value, out.stderr)
+
+
+def test_a_uid_holds_at_most_max_sessions_per_uid_in_all_tenants(daemon_dir):
+    # any name is a tenant unless configured, so the per-tenant cap alone does not bound one client's sessions
+    cfg = write_config(daemon_dir, extra='group = "nogroup"\nsocket_mode = 0o666\nmax_sessions_per_uid = 3')
+    d = Daemon(daemon_dir, cfg).start()
+    try:
+        with Client(d.socket, "t1") as a, Client(d.socket, "t2") as b, Client(d.socket, "t3") as c:
+            mine = [a.register_session("x"), a.register_session("y"), b.register_session("z")]
+            with pytest.raises(DaemonError) as e:
+                c.register_session("one too many")
+            assert e.value.errno == errno.EDQUOT and "max_sessions_per_uid" in str(e.value)
+
+            def three_of_its_own():
+                try:
+                    with Client(d.socket, "t3") as x:
+                        return 0 if len({x.register_session(f"n{i}") for i in range(3)}) == 3 else 13
+                except DaemonError as e:
+                    return 10 if e.errno == errno.EDQUOT else 11
+            assert _as_nobody(three_of_its_own) == 0
+            a.end_session(mine[0])
+            c.register_session("after one ended")
+            assert d.stats()["sessions"] == 3 + 3
+    finally:
+        assert d.stop() == 0
 
 
 def test_a_uid_holds_at_most_max_connections_and_other_uids_are_not_refused(daemon_dir):
@@ -333,6 +358,33 @@ def test_out_of_descriptors_it_refuses_new_connections_and_keeps_serving(daemon_
                 s.close()
         assert wait_for(lambda: d.alive() and d.stats()["connections_shed"] > 0)
         assert "connection refused: Too many open files" in d.log.read_text()
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_connection_holds_at_most_max_leases_and_releasing_frees_them(daemon_dir):
+    # every get holds its blocks until released: a client that never releases must not grow the daemon for ever
+    from kvtier.daemon import protocol
+    from kvtier.daemon.server import MAX_LEASES_PER_CONNECTION as most
+    d = Daemon(daemon_dir, write_config(daemon_dir)).start()
+    try:
+        with Client(d.socket, "acme") as kv:
+            kv.put(None, [(1, "input", block_bytes(1, BLOCK))])
+            leases, chunk = [], 128
+            for first in range(0, most + 1, chunk):   # pipelined: `chunk` gets, then their replies
+                ids = range(first, min(first + chunk, most + 1))
+                for i in ids:
+                    protocol.send(kv.sock, {"op": "get", "id": 10 + i, "blocks": [1]})
+                replies = [protocol.unpack(protocol.recv(kv.sock)[0]) for _ in ids]
+                leases += [r["lease"] for r in replies if r["ok"]]
+            assert len(leases) == most and not replies[-1]["ok"]
+            assert replies[-1]["errno"] == errno.EDQUOT and "release some first" in replies[-1]["error"]
+            for lease in leases[:10]:
+                protocol.send(kv.sock, {"op": "release", "lease": lease})   # (no reply)
+            assert kv.get(None, [1])[0].tobytes() == block_bytes(1, BLOCK)
+            key = admin_call(d.socket, "blocks")["blocks"][0]["block"]
+            assert "leased" in admin_call(d.socket, "explain", block=key)["why"]
+        assert "leased" not in admin_call(d.socket, "explain", block=key)["why"]   # they went with the connection
     finally:
         assert d.stop() == 0
 
@@ -459,6 +511,36 @@ def test_durable_put_survives_sigterm_and_restart(daemon_dir):
             assert kv.get(None, [101]) == [None]   # memory tiers are a cache: a crash loses what is only there
     finally:
         d.stop()
+
+
+def test_pinned_blocks_are_bounded_like_the_policies_blocks(daemon_dir):
+    # A decoding session's blocks are out of every policy, so only bytes bounded them: 64-byte blocks filled
+    # 2 MiB of memory tiers with 32,000 pinned blocks (each ~2 KiB of the daemon's index). They are bounded by
+    # the memory tiers' capacity / nominal_bytes, as the policies' blocks are.
+    cfg = write_config(daemon_dir, dram="1MiB", cxl="1MiB", nominal="16KiB")   # 64 + 64 blocks
+    d = Daemon(daemon_dir, cfg).start()
+    try:
+        with Client(d.socket, "acme") as kv:
+            hot = kv.register_session("decoding")
+            kv.hint(hot, "decoding")
+            assert kv.put(hot, [(i, "input", b"%063d" % i) for i in range(100)]) == 100
+            with pytest.raises(DaemonError) as e:
+                kv.put(hot, [(100 + i, "input", b"%063d" % (100 + i)) for i in range(100)])
+            assert e.value.errno == errno.ENOSPC and "stored 28 of the put's 100" in str(e.value)
+            assert "nominal_bytes" in str(e.value)
+            assert d.stats()["pinned_blocks"] == 128
+            held = kv.contains(range(200))
+            assert all(held[:128]) and not any(held[128:])   # the rest of the batch is not stored
+            assert kv.get(None, [127])[0].tobytes() == b"%063d" % 127
+            other = kv.register_session("not decoding")
+            assert kv.put(other, [(1000 + i, "input", b"x" * 64) for i in range(10)]) == 10   # unpinned: fine
+            assert kv.delete(range(10)) == 10   # room for 10 more
+            assert kv.put(hot, [(2000 + i, "input", b"y" * 64) for i in range(10)]) == 10
+            assert d.stats()["pinned_blocks"] == 128
+            kv.hint(hot, "idle")   # its blocks go back to the policies
+            assert d.stats()["pinned_blocks"] == 0
+    finally:
+        assert d.stop() == 0
 
 
 def test_systemd_notify_ready_watchdog_stopping(daemon_dir):

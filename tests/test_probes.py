@@ -4,6 +4,7 @@ config, and a real daemon that runs without the probes and says so. bcc itself r
 (tests/test_bpf_guest.py)."""
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -15,7 +16,7 @@ import pytest
 from cffi import FFI
 
 from kvtier import probes
-from kvtier.daemon import config
+from kvtier.daemon import config, heat
 from kvtier.daemon.heat import Heat, ProbesConfig
 from kvtier.errors import InputError
 from kvtier.policy.registry import make_policy
@@ -252,6 +253,20 @@ def test_sampler_counts_registered_anonymous_ranges():
     with pytest.raises(OSError):
         h.register_range(1, 0x1000, PAGE, 100, [])
     assert h.unregister_range(rid) and rid not in fake.ranges
+
+
+def test_a_process_holds_at_most_max_ranges_per_process():
+    # ranges live until their process exits: one that registers in a loop must not grow the daemon for ever
+    eng, _ = fake_engine()
+    h = Heat(eng, ProbesConfig(), loader=lambda: FakeProbes(), device=FakeDevice())
+    rids = [h.register_range(4242, 0x7F0000000000 + i * PAGE, PAGE, PAGE, [])["range"]
+            for i in range(heat.MAX_RANGES_PER_PROCESS)]
+    with pytest.raises(OSError) as e:
+        h.register_range(4242, 0x1000, PAGE, PAGE, [])
+    assert e.value.errno == errno.EDQUOT
+    assert h.register_range(4343, 0x1000, PAGE, PAGE, [])   # another process has its own
+    assert h.unregister_range(rids[0])
+    assert h.register_range(4242, 0x1000, PAGE, PAGE, [])   # one unregistered frees a place
 
 
 def test_sampler_without_probes_says_why():

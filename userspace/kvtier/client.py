@@ -272,7 +272,8 @@ class Client:
     # -- sessions and hints ------------------------------------------------------------------------------
     def register_session(self, name: str = "") -> int:
         """A new session of this connection's tenant; DaemonError EDQUOT once the tenant holds the daemon's
-        max_sessions_per_tenant open sessions (end_session frees one)."""
+        max_sessions_per_tenant open sessions, or this uid max_sessions_per_uid in all tenants (end_session frees
+        one)."""
         return self._call("register_session", name=name)["session"]
 
     def end_session(self, session: int) -> int:

@@ -12,13 +12,15 @@
     shutdown_flush_s = 20                 # on SIGTERM, copy memory-only blocks to NVMe for up to this long,
                                           # so a restart serves them (0: off; keep under TimeoutStopSec)
     max_sessions_per_tenant = 65536       # open sessions a tenant may hold: beyond, register_session is EDQUOT
+    max_sessions_per_uid = 262144         # ... and a uid, in all tenants (any name is a tenant unless configured)
     max_connections_per_uid = 1024        # connections one uid may hold open: beyond, a new one is refused
                                           # (EDQUOT), so one user cannot take every descriptor the daemon has
 
     [blocks]
     min_bytes = 1
     max_bytes = "256MiB"
-    nominal_bytes = "1MiB"                # policy capacities in blocks = tier capacity / nominal_bytes
+    nominal_bytes = "1MiB"                # policy capacities in blocks = tier capacity / nominal_bytes; pinned
+                                          # (decoding) blocks: at most the memory tiers' sum of those (ENOSPC)
 
     [[tiers]]                             # fastest first; memory tiers, then at most one nvme tier
     name = "dram0"
@@ -76,11 +78,13 @@ DEFAULT_DRAM_FRACTION = 0.25   # of MemAvailable: leave the machine room for the
 DEFAULT_NVME_FRACTION = 0.5    # of the state directory's free disk
 DEFAULT_FREE_TARGET = "2%"     # of a memory tier with a tier below: reclaimed in the background (Engine.reclaim)
 DEFAULT_MAX_SESSIONS = 65536   # per tenant: a client that never ends its sessions cannot grow the daemon for ever
+DEFAULT_MAX_UID_SESSIONS = 262144   # per uid, in every tenant: unconfigured tenants are any name
 DEFAULT_MAX_CONNECTIONS = 1024   # per uid: one user's leaked connections cannot use up the daemon's descriptors
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
 _TOP_KEYS = {"socket", "group", "socket_mode", "state_dir", "policy", "metrics", "blocks", "tiers", "tenants",
-             "shutdown_flush_s", "max_sessions_per_tenant", "max_connections_per_uid",
+             "shutdown_flush_s", "max_sessions_per_tenant", "max_sessions_per_uid",
+             "max_connections_per_uid",
              "busy_poll_us", "gc_freeze", "admins", "cluster", "probes"}
 
 
@@ -130,6 +134,7 @@ class Config:
     gc_freeze: bool = True   # see daemon.server.Collector
     shutdown_flush_s: float = 20.0   # SIGTERM: copy memory-only blocks to NVMe for this long (0: off)
     max_sessions_per_tenant: int = DEFAULT_MAX_SESSIONS   # open sessions per tenant (register_session: EDQUOT)
+    max_sessions_per_uid: int = DEFAULT_MAX_UID_SESSIONS   # open sessions per peer uid, in all tenants (EDQUOT)
     max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS   # open connections per peer uid (beyond: EDQUOT)
     admin_uids: tuple = ()   # besides root and the daemon's uid (tuples: --check prints them as JSON lists)
     admin_gids: tuple = ()
@@ -277,12 +282,13 @@ def from_dict(d: dict, source: str) -> Config:
     flush_s = d.get("shutdown_flush_s", 20.0)
     if isinstance(flush_s, bool) or not isinstance(flush_s, (int, float)) or not 0 <= flush_s <= 3600:
         raise InputError(f"{w}shutdown_flush_s: expected 0..3600 seconds, got {flush_s!r}")
-    max_sessions = d.get("max_sessions_per_tenant", DEFAULT_MAX_SESSIONS)
-    if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or not 1 <= max_sessions < 1 << 31:
-        raise InputError(f"{w}max_sessions_per_tenant: expected 1..{(1 << 31) - 1} sessions, got {max_sessions!r}")
-    max_conns = d.get("max_connections_per_uid", DEFAULT_MAX_CONNECTIONS)
-    if isinstance(max_conns, bool) or not isinstance(max_conns, int) or not 1 <= max_conns < 1 << 31:
-        raise InputError(f"{w}max_connections_per_uid: expected 1..{(1 << 31) - 1} connections, got {max_conns!r}")
+    limits = {}
+    for key, default, what in (("max_sessions_per_tenant", DEFAULT_MAX_SESSIONS, "sessions"),
+                               ("max_sessions_per_uid", DEFAULT_MAX_UID_SESSIONS, "sessions"),
+                               ("max_connections_per_uid", DEFAULT_MAX_CONNECTIONS, "connections")):
+        v = limits[key] = d.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 1 << 31:
+            raise InputError(f"{w}{key}: expected 1..{(1 << 31) - 1} {what}, got {v!r}")
     busy = d.get("busy_poll_us", 500)
     if not 0 <= busy <= 100_000:
         raise InputError(f"{w}busy_poll_us: expected 0..100000 microseconds, got {busy!r}")
@@ -324,7 +330,7 @@ def from_dict(d: dict, source: str) -> Config:
                   metrics_host=mhost, metrics_port=mport, min_block_bytes=min_b, max_block_bytes=max_b,
                   nominal_block_bytes=nominal, tiers=tiers, tenants=tenants, source=source, busy_poll_us=busy,
                   gc_freeze=d.get("gc_freeze", True), shutdown_flush_s=float(flush_s),
-                  max_sessions_per_tenant=max_sessions, max_connections_per_uid=max_conns,
+                  **limits,
                   admin_uids=admin_uids, admin_gids=admin_gids, cluster=cluster, absent_tiers=absent_tiers,
                   probes=probes)
 

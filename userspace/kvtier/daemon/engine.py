@@ -123,10 +123,10 @@ class Block:
 
 
 class Session:
-    __slots__ = ("sid", "tenant", "name", "state", "blocks", "created")
+    __slots__ = ("sid", "tenant", "name", "state", "blocks", "created", "uid")
 
-    def __init__(self, sid, tenant, name):
-        self.sid, self.tenant, self.name = sid, tenant, name
+    def __init__(self, sid, tenant, name, uid=None):
+        self.sid, self.tenant, self.name, self.uid = sid, tenant, name, uid   # uid: the peer that registered it
         self.state = "prefilling"
         self.blocks: dict[bytes, None] = {}   # keys in the order the session took them on (a prefix first)
         self.created = time.time()
@@ -152,6 +152,7 @@ class Engine:
         self.pinned: set[Block] = set()   # blocks with pins (kept so status counts them without a scan)
         self.sessions: dict[int, Session] = {}
         self.tenant_sessions: dict[str, int] = {}   # tenant -> its registered sessions (status without a scan)
+        self.uid_sessions: dict[int, int] = {}      # uid -> the sessions it registered, in every tenant
         self.pending: dict[int, tuple] = {}   # txn -> (tenant, sid, [(key, Block)], durable)
         self.pending_keys: dict[bytes, int] = {}   # key -> txn reserving it
         self.leases: dict[int, list[Block]] = {}
@@ -834,14 +835,21 @@ class Engine:
         return s
 
     # -- API ops -------------------------------------------------------------------------------------
-    def register_session(self, tenant: str, name: str) -> int:
+    def register_session(self, tenant: str, name: str, uid: int | None = None) -> int:
         held, most = self.tenant_sessions.get(tenant, 0), self.cfg.max_sessions_per_tenant
         if held >= most:
             raise err(errno.EDQUOT, f"tenant {tenant!r} holds {held} open sessions, the most that "
                                     f"max_sessions_per_tenant allows; end some first")
+        # (per uid too: an unconfigured tenant is any name, so the per-tenant cap alone bounds nothing)
+        held, most = self.uid_sessions.get(uid, 0), self.cfg.max_sessions_per_uid
+        if uid is not None and held >= most:
+            raise err(errno.EDQUOT, f"uid {uid} holds {held} open sessions, the most that max_sessions_per_uid "
+                                    f"allows; end some first")
         sid = next(self._ids)
-        self.sessions[sid] = Session(sid, tenant, name or f"s{sid}")
+        self.sessions[sid] = Session(sid, tenant, name or f"s{sid}", uid)
         self.tenant_sessions[tenant] = self.tenant_sessions.get(tenant, 0) + 1
+        if uid is not None:
+            self.uid_sessions[uid] = held + 1
         self.policies[0].session_hint(sid, SessionState.PREFILL, time.monotonic() * 1e3)
         return sid
 
@@ -858,6 +866,10 @@ class Engine:
         left = self.tenant_sessions.pop(tenant) - 1
         if left:
             self.tenant_sessions[tenant] = left
+        if s.uid is not None:
+            left = self.uid_sessions.pop(s.uid) - 1
+            if left:
+                self.uid_sessions[s.uid] = left
         return n
 
     def hint(self, tenant: str, sid: int, state: str, block_types=None) -> None:
@@ -1121,11 +1133,22 @@ class Engine:
         if txn not in self.pending:
             raise err(errno.ENOENT, f"no open put {txn}")
         tenant, sid, staged, durable = self.pending.pop(txn)
+        n = len(staged)
         for key, _ in staged:
             self.pending_keys.pop(key, None)
         s = self.sessions.get(sid) if sid is not None else None
         blocks = []
-        failure = None
+        failure = over = None
+        decoding = s is not None and s.state == "decoding"
+        if decoding and len(self.pinned) + len(staged) > self.pin_limit():
+            # pinned blocks are out of every policy, so the bytes alone would bound them: tiny blocks would then
+            # grow the daemon's index (~2 KiB a block) far past what the tiers' policies ever hold
+            over = (errno.ENOSPC, f"{len(self.pinned)} blocks are pinned, and the memory tiers hold at most "
+                                  f"{self.pin_limit()} (their capacity / blocks.nominal_bytes) pinned")
+            room = max(0, self.pin_limit() - len(self.pinned))
+            for key, b in staged[room:]:
+                self.tiers[b.tier].abort(key)
+            staged = staged[:room]
         for key, b in staged:
             self.tiers[b.tier].commit(key)
         spilled = durable and self.nvme is not None and len(staged) > 1 and self._spill_many(staged)
@@ -1142,7 +1165,7 @@ class Engine:
                     # not acknowledged: this block and the rest of the batch are not stored (errno and text
                     # kept, not the exception: that would be a reference cycle with this frame)
                     self.tiers[b.tier].delete(key)
-                    failure = (e.errno, e.strerror or str(e))
+                    failure = (e.errno, f"write-through to NVMe failed: {e.strerror or e}")
                     continue
             self._add(b)
             if s is not None:
@@ -1152,16 +1175,16 @@ class Engine:
         self.counters["puts"] += len(blocks)
         if self.metrics is not None:
             self.metrics.bytes_put(sum(b.nbytes for b in blocks))
-        decoding = s is not None and s.state == "decoding"
         for b in blocks:
             if decoding:   # pinned now, not after the reply: a decoding session's blocks are never victims
                 b.pins += 1
                 self.pinned.add(b)
             b.out_of_policy = True   # until the policy has seen it (run_deferred)
         self._policy_work(lambda: self._admit_put(sid, tenant, blocks))
+        failure = failure or over
         if failure is not None:
-            raise err(failure[0] or errno.EIO, f"write-through to NVMe failed after {len(blocks)} of "
-                                               f"{len(staged)} blocks: {failure[1]}")
+            raise err(failure[0] or errno.EIO, f"stored {len(blocks)} of the put's {n} blocks: "
+                                               f"{failure[1]}")
         return len(blocks)
 
     def _admit_put(self, sid, tenant: str, blocks: list) -> None:
@@ -1505,6 +1528,10 @@ class Engine:
         if self.cluster is not None:
             rows.append(self.cluster.row())
         return rows
+
+    def pin_limit(self) -> int:
+        """How many blocks may be pinned at once: what the memory tiers' policies hold (capacity / nominal)."""
+        return sum(self._capacity_blocks(t) for t in range(self.mem_count))
 
     def pinned_blocks(self, tenant: str | None = None) -> int:
         """Stored blocks with pins (of one tenant)."""

@@ -38,6 +38,7 @@ log = logging.getLogger("kvtierd.heat")
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 FORGET_EVERY = 30   # ticks between sweeps of heat entries whose block is gone
+MAX_RANGES_PER_PROCESS = 1024   # ranges a process may hold registered (each keeps its block list)
 _KEYS = {"enabled", "interval_ms", "half_life_ms", "sample"}
 
 
@@ -299,6 +300,10 @@ class Heat:
         nblocks = -(-length // block_bytes)
         if len(keys) > nblocks:
             raise OSError(errno.EINVAL, f"{len(keys)} block hashes for {nblocks} blocks")
+        held = sum(1 for r in self.ranges.values() if r["pid"] == pid)
+        if held >= MAX_RANGES_PER_PROCESS:
+            raise OSError(errno.EDQUOT, f"process {pid} has {held} ranges registered, the most a process may; "
+                                        f"unregister some first")
         rid = self._next_range
         self._next_range += 1
         r = {"range": rid, "pid": pid, "address": address, "length": length, "block_bytes": block_bytes,

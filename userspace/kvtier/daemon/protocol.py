@@ -70,7 +70,10 @@ Ops (fields; reply fields):
                      uid, or [admins] of the config); else EPERM
 Replies arrive in request order on a connection, so a client may send a commit and read its reply later.
 A prefix hash is an int in [0, 2**64) (msgpack's range) or bytes of at most 64; kvctl names blocks by their
-32-hex-digit key. Limits: a list has at most 65536 entries (E2BIG); wrong types are EINVAL.
+32-hex-digit key. Limits: a list has at most 65536 entries (E2BIG); wrong types are EINVAL. A connection holds at
+most 65536 gets it has not released, and a process 1024 registered ranges (EDQUOT beyond: daemon/server.py
+MAX_LEASES_PER_CONNECTION, daemon/heat.py MAX_RANGES_PER_PROCESS); a uid holds at most max_connections_per_uid
+connections (config): one more is answered EDQUOT, with id 0, and closed.
 """
 from __future__ import annotations
 

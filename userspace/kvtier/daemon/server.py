@@ -36,6 +36,8 @@ from kvtier.errors import InputError
 log = logging.getLogger("kvtier.daemon")
 
 PREFETCH_EVERY_S = 1.0
+# Per-connection state a client could otherwise grow without bound (each is far above what an engine holds):
+MAX_LEASES_PER_CONNECTION = 65536   # gets not released yet (get_views open, or a client that never releases)
 ACCEPT_PAUSE_S = 0.1   # out of descriptors system-wide: how long accepting waits before it tries again
 GC_GEN0_OBJECTS = 50_000   # allocations between young collections (CPython default 700); see Collector
 
@@ -392,6 +394,7 @@ class Server:
             self._set_policy(new.policy)
         self.cfg.gc_freeze = self.collector.freeze = new.gc_freeze
         self.cfg.max_sessions_per_tenant = new.max_sessions_per_tenant   # sessions already open stay open
+        self.cfg.max_sessions_per_uid = new.max_sessions_per_uid
         self.cfg.max_connections_per_uid = new.max_connections_per_uid   # so do connections
         self.engine.set_limits([t.capacity_bytes for t in new.tiers])
         self.engine.set_free_targets([t.free_target_bytes for t in new.tiers])
@@ -652,7 +655,7 @@ class Server:
         name = msg.get("name") or ""
         if not isinstance(name, str):
             raise OSError(errno.EINVAL, "'name' must be a string")
-        return {"session": self.engine.register_session(self._tenant(conn), name[:256])}, []
+        return {"session": self.engine.register_session(self._tenant(conn), name[:256], conn.uid)}, []
 
     def op_end_session(self, conn, msg):
         return {"released": self.engine.end_session(self._tenant(conn), self._int(msg, "session"))}, []
@@ -818,6 +821,9 @@ class Server:
         return {}, []
 
     def op_get(self, conn, msg):
+        if len(conn.leases) >= MAX_LEASES_PER_CONNECTION:
+            raise OSError(errno.EDQUOT, f"this connection holds {len(conn.leases)} gets it has not released, the most "
+                                        f"a connection may; release some first")
         lease, slots, served = self.engine.get(self._tenant(conn), self._int(msg, "session", True),
                                                self._list(msg, "blocks"))
         if lease in self.engine.leases:

@@ -98,6 +98,9 @@ class GpuTier(Tier):
     def release_domain(self, domain: bytes, keep_prefaulted: bool = True) -> bool:
         return True
 
+    def reserved_count(self) -> int:
+        return len(self._pending)
+
     def reserve(self, key: bytes, nbytes: int, domain: bytes = b"") -> Slot:
         key = check_key(key)
         nbytes = int(nbytes)

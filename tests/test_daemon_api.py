@@ -513,32 +513,49 @@ def test_durable_put_survives_sigterm_and_restart(daemon_dir):
         d.stop()
 
 
-def test_pinned_blocks_are_bounded_like_the_policies_blocks(daemon_dir):
-    # A decoding session's blocks are out of every policy, so only bytes bounded them: 64-byte blocks filled
-    # 2 MiB of memory tiers with 32,000 pinned blocks (each ~2 KiB of the daemon's index). They are bounded by
-    # the memory tiers' capacity / nominal_bytes, as the policies' blocks are.
-    cfg = write_config(daemon_dir, dram="1MiB", cxl="1MiB", nominal="16KiB")   # 64 + 64 blocks
+def test_pinned_and_reserved_blocks_are_bounded_by_count(daemon_dir):
+    # Pinned blocks (decoding sessions) and reserved slots (puts being written, spares) are out of every policy, so
+    # only bytes bounded them: 64-byte blocks filled 2 MiB of memory tiers with 32,000 pinned blocks, each ~2 KiB
+    # of the daemon's index. Each kind is bounded by count too: capacity / nominal_bytes, at least 65536.
+    from kvtier.daemon import protocol
+    from kvtier.daemon.engine import OUT_OF_POLICY_MIN_BLOCKS as most
+    cfg = write_config(daemon_dir, dram="12MiB", cxl="1MiB", nominal="16KiB")   # 768 + 64 nominal blocks < most
     d = Daemon(daemon_dir, cfg).start()
     try:
         with Client(d.socket, "acme") as kv:
             hot = kv.register_session("decoding")
             kv.hint(hot, "decoding")
-            assert kv.put(hot, [(i, "input", b"%063d" % i) for i in range(100)]) == 100
+            tiny = [b"%063d" % i for i in range(most + 100)]
+            assert kv.put(hot, [(i, "input", tiny[i]) for i in range(most - 28)]) == most - 28
             with pytest.raises(DaemonError) as e:
-                kv.put(hot, [(100 + i, "input", b"%063d" % (100 + i)) for i in range(100)])
+                kv.put(hot, [(i, "input", tiny[i]) for i in range(most - 28, most + 72)])
             assert e.value.errno == errno.ENOSPC and "stored 28 of the put's 100" in str(e.value)
             assert "nominal_bytes" in str(e.value)
-            assert d.stats()["pinned_blocks"] == 128
-            held = kv.contains(range(200))
-            assert all(held[:128]) and not any(held[128:])   # the rest of the batch is not stored
-            assert kv.get(None, [127])[0].tobytes() == b"%063d" % 127
-            other = kv.register_session("not decoding")
-            assert kv.put(other, [(1000 + i, "input", b"x" * 64) for i in range(10)]) == 10   # unpinned: fine
+            assert d.stats()["pinned_blocks"] == most
+            held = kv.contains(range(most - 100, most + 100))
+            assert all(held[:100]) and not any(held[100:])   # the rest of the batch is not stored
+            assert kv.get(None, [most - 1])[0].tobytes() == tiny[most - 1]
+            assert kv.put(kv.register_session("not decoding"), [(10**9, "input", b"x" * 64)]) == 1   # unpinned
             assert kv.delete(range(10)) == 10   # room for 10 more
-            assert kv.put(hot, [(2000 + i, "input", b"y" * 64) for i in range(10)]) == 10
-            assert d.stats()["pinned_blocks"] == 128
-            kv.hint(hot, "idle")   # its blocks go back to the policies
+            assert kv.put(hot, [(2 * most + i, "input", b"y" * 64) for i in range(10)]) == 10
+            kv.delete(list(range(most)) + [2 * most + i for i in range(10)])
             assert d.stats()["pinned_blocks"] == 0
+        with Client(d.socket, "acme") as kv:   # puts reserved and never committed
+            txns, n = [], 0
+            while True:
+                protocol.send(kv.sock, {"op": "put", "id": 7, "blocks": [[n + i, "input", 64, None]
+                                                                         for i in range(2048)]})
+                r = protocol.unpack(protocol.recv(kv.sock)[0])
+                if not r["ok"]:
+                    break
+                txns.append(r["txn"])
+                n += 2048
+            assert n == most and r["errno"] == errno.EDQUOT and "commit or abort" in r["error"]
+            protocol.send(kv.sock, {"op": "abort", "id": 8, "txn": txns[0]})
+            assert protocol.unpack(protocol.recv(kv.sock)[0])["ok"]
+            assert kv.put(None, [(10**9 + 1, "input", b"z" * 64)]) == 1   # room again
+        with Client(d.socket, "acme") as kv:   # the closed connection's reservations went with it
+            assert kv.put(None, [(10**9 + 2 + i, "input", b"z" * 64) for i in range(4096)]) == 4096
     finally:
         assert d.stop() == 0
 

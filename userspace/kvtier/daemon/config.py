@@ -20,7 +20,7 @@
     min_bytes = 1
     max_bytes = "256MiB"
     nominal_bytes = "1MiB"                # policy capacities in blocks = tier capacity / nominal_bytes; pinned
-                                          # (decoding) blocks: at most the memory tiers' sum of those (ENOSPC)
+                                          # and reserved blocks: at most the memory tiers' sum of those (>= 65536)
 
     [[tiers]]                             # fastest first; memory tiers, then at most one nvme tier
     name = "dram0"

@@ -40,6 +40,10 @@ log = logging.getLogger("kvtier.daemon")
 
 MOVES_KEPT = 4096
 PUT_SPARES_MAX = 2048   # spare slots handed out per request
+# Blocks out of every policy (pinned by decoding sessions; reserved for puts being written and as spare slots) are
+# bounded by bytes only, so tiny ones could grow the daemon's index (~2 KiB a block) without a count bound: each
+# kind is held to the memory tiers' capacity in nominal blocks, and to at least this many.
+OUT_OF_POLICY_MIN_BLOCKS = 65536
 NVME_MAGIC = b"KVB1"
 RECLAIM_BATCH_BYTES = 8 << 20   # one step of background reclaim: ~2-3 ms of disk here, then requests again
 WRITEBACK_DEPTH = 2   # reclaim batches queued for the writer thread: the next is ready when one is done
@@ -942,6 +946,7 @@ class Engine:
         salt = self.salt(tenant)
         txn = next(self._ids)
         slots, staged, staged_keys = [], [], set()
+        room = self.pin_limit() - self._reserved()
         try:
             for item in items:
                 if not isinstance(item, (list, tuple)) or len(item) not in (4, 5):
@@ -965,6 +970,11 @@ class Engine:
                     self.counters["dedup_puts"] += 1
                     slots.append(None)
                     continue
+                if len(staged) >= room:
+                    raise err(errno.EDQUOT, f"{self._reserved()} slots are reserved for puts being written and "
+                                            f"as spares, the most the memory tiers hold (their capacity / "
+                                            f"blocks.nominal_bytes, at least {OUT_OF_POLICY_MIN_BLOCKS}); commit "
+                                            f"or abort puts first")
                 t, slot = self._reserve(key, nbytes, salt)
                 nb = Block(key, tenant, nbytes, btype, meta, t)
                 nb.layout = layout
@@ -1017,12 +1027,13 @@ class Engine:
     def spare_reserve(self, owner: dict, sizes: list, budget: int, domain: bytes) -> list:
         out = []
         held = sum(v[2] for v in owner.values())
+        room = self.pin_limit() - self._reserved()
         for n in sizes[:PUT_SPARES_MAX]:
             if not isinstance(n, int) or isinstance(n, bool) or \
                     not self.cfg.min_block_bytes <= n <= self.cfg.max_block_bytes:
                 raise err(errno.EINVAL, f"spare size {n!r} outside [{self.cfg.min_block_bytes}, "
                                         f"{self.cfg.max_block_bytes}] bytes")
-            if held + n > budget:
+            if held + n > budget or len(out) >= room:
                 break
             slot = None
             for t in range(self.mem_count):
@@ -1144,7 +1155,8 @@ class Engine:
             # pinned blocks are out of every policy, so the bytes alone would bound them: tiny blocks would then
             # grow the daemon's index (~2 KiB a block) far past what the tiers' policies ever hold
             over = (errno.ENOSPC, f"{len(self.pinned)} blocks are pinned, and the memory tiers hold at most "
-                                  f"{self.pin_limit()} (their capacity / blocks.nominal_bytes) pinned")
+                                  f"{self.pin_limit()} pinned (their capacity / blocks.nominal_bytes, at least "
+                                  f"{OUT_OF_POLICY_MIN_BLOCKS})")
             room = max(0, self.pin_limit() - len(self.pinned))
             for key, b in staged[room:]:
                 self.tiers[b.tier].abort(key)
@@ -1530,8 +1542,11 @@ class Engine:
         return rows
 
     def pin_limit(self) -> int:
-        """How many blocks may be pinned at once: what the memory tiers' policies hold (capacity / nominal)."""
-        return sum(self._capacity_blocks(t) for t in range(self.mem_count))
+        """How many blocks may be pinned, or reserved, at once (OUT_OF_POLICY_MIN_BLOCKS)."""
+        return max(OUT_OF_POLICY_MIN_BLOCKS, sum(self._capacity_blocks(t) for t in range(self.mem_count)))
+
+    def _reserved(self) -> int:
+        return sum(self.tiers[t].reserved_count() for t in range(self.mem_count))
 
     def pinned_blocks(self, tenant: str | None = None) -> int:
         """Stored blocks with pins (of one tenant)."""

@@ -73,7 +73,9 @@ A prefix hash is an int in [0, 2**64) (msgpack's range) or bytes of at most 64; 
 32-hex-digit key. Limits: a list has at most 65536 entries (E2BIG); wrong types are EINVAL. A connection holds at
 most 65536 gets it has not released, and a process 1024 registered ranges (EDQUOT beyond: daemon/server.py
 MAX_LEASES_PER_CONNECTION, daemon/heat.py MAX_RANGES_PER_PROCESS); a uid holds at most max_connections_per_uid
-connections (config): one more is answered EDQUOT, with id 0, and closed.
+connections (config): one more is answered EDQUOT, with id 0, and closed. Slots reserved by puts and as spares,
+and blocks pinned by decoding sessions, are each at most the memory tiers' capacity / nominal_bytes and at least
+65536 (daemon/engine.py OUT_OF_POLICY_MIN_BLOCKS): a put beyond is EDQUOT, a decoding put beyond ENOSPC.
 """
 from __future__ import annotations
 

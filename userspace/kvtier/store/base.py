@@ -108,6 +108,10 @@ class Tier(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def reserved_count(self) -> int:
+        """Slots reserved and not yet committed (a tier that reserves before the bytes arrive overrides this)."""
+        return 0
+
     def __contains__(self, key) -> bool:
         return self.contains(key)
 

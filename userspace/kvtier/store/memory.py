@@ -483,6 +483,10 @@ class MemoryTier(Tier):
             self._stats["bytes_in"] += b.nbytes
             self._stats["stored_bytes_in"] += b.nbytes
 
+    def reserved_count(self) -> int:
+        """Slots reserved and not yet committed (puts being written, spare slots)."""
+        return len(self._pending)
+
     def rename_reserved(self, old_key: bytes, new_key: bytes) -> None:
         """Give a reserved (not yet committed) slot another key: the daemon hands clients spare slots
         under placeholder keys and names them when the client says what it wrote there."""

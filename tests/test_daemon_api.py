@@ -414,7 +414,7 @@ def test_out_of_descriptors_system_wide_pauses_accepting_instead_of_spinning(dae
         raise OSError(errno.ENFILE, os.strerror(errno.ENFILE))
     s = object.__new__(srv.Server)
     s.lsock, s.sel, s.conns = Full(), selectors.DefaultSelector(), {}
-    s.spare_fd, s.shed, s.shed_logged, s.accept_paused_until = os.open("/dev/null", os.O_RDONLY), 0, 0.0, 0.0
+    s.spare_fd, s.shed, s._warned, s.accept_paused_until = os.open("/dev/null", os.O_RDONLY), 0, {}, 0.0
     s.sel.register(s.lsock, selectors.EVENT_READ, None)
     assert s.sel.select(0)   # the peer waits
     monkeypatch.setattr(srv.os, "open", no_file)

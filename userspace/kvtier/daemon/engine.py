@@ -126,6 +126,13 @@ class Block:
                 "durable": self.nvme_copy or tiers[self.tier].kind == "nvme", "hits": self.hits}
 
 
+def count_down(counts: dict, key) -> None:
+    """counts[key] -= 1, the key dropped at 0 (counts of what a tenant or uid holds open)."""
+    left = counts.pop(key) - 1
+    if left:
+        counts[key] = left
+
+
 class Session:
     __slots__ = ("sid", "tenant", "name", "state", "blocks", "created", "uid")
 
@@ -867,13 +874,9 @@ class Engine:
                 b.sessions.discard(sid)
                 n += 1
         del self.sessions[sid]
-        left = self.tenant_sessions.pop(tenant) - 1
-        if left:
-            self.tenant_sessions[tenant] = left
+        count_down(self.tenant_sessions, tenant)
         if s.uid is not None:
-            left = self.uid_sessions.pop(s.uid) - 1
-            if left:
-                self.uid_sessions[s.uid] = left
+            count_down(self.uid_sessions, s.uid)
         return n
 
     def hint(self, tenant: str, sid: int, state: str, block_types=None) -> None:
@@ -946,7 +949,7 @@ class Engine:
         salt = self.salt(tenant)
         txn = next(self._ids)
         slots, staged, staged_keys = [], [], set()
-        room = self.pin_limit() - self._reserved()
+        room = self.out_of_policy_limit() - self._reserved()
         try:
             for item in items:
                 if not isinstance(item, (list, tuple)) or len(item) not in (4, 5):
@@ -1027,7 +1030,7 @@ class Engine:
     def spare_reserve(self, owner: dict, sizes: list, budget: int, domain: bytes) -> list:
         out = []
         held = sum(v[2] for v in owner.values())
-        room = self.pin_limit() - self._reserved()
+        room = self.out_of_policy_limit() - self._reserved()
         for n in sizes[:PUT_SPARES_MAX]:
             if not isinstance(n, int) or isinstance(n, bool) or \
                     not self.cfg.min_block_bytes <= n <= self.cfg.max_block_bytes:
@@ -1151,13 +1154,13 @@ class Engine:
         blocks = []
         failure = over = None
         decoding = s is not None and s.state == "decoding"
-        if decoding and len(self.pinned) + len(staged) > self.pin_limit():
+        if decoding and len(self.pinned) + n > (limit := self.out_of_policy_limit()):
             # pinned blocks are out of every policy, so the bytes alone would bound them: tiny blocks would then
             # grow the daemon's index (~2 KiB a block) far past what the tiers' policies ever hold
             over = (errno.ENOSPC, f"{len(self.pinned)} blocks are pinned, and the memory tiers hold at most "
-                                  f"{self.pin_limit()} pinned (their capacity / blocks.nominal_bytes, at least "
+                                  f"{limit} pinned (their capacity / blocks.nominal_bytes, at least "
                                   f"{OUT_OF_POLICY_MIN_BLOCKS})")
-            room = max(0, self.pin_limit() - len(self.pinned))
+            room = max(0, limit - len(self.pinned))
             for key, b in staged[room:]:
                 self.tiers[b.tier].abort(key)
             staged = staged[:room]
@@ -1541,8 +1544,8 @@ class Engine:
             rows.append(self.cluster.row())
         return rows
 
-    def pin_limit(self) -> int:
-        """How many blocks may be pinned, or reserved, at once (OUT_OF_POLICY_MIN_BLOCKS)."""
+    def out_of_policy_limit(self) -> int:
+        """How many blocks may be pinned, and how many slots reserved, at once (OUT_OF_POLICY_MIN_BLOCKS)."""
         return max(OUT_OF_POLICY_MIN_BLOCKS, sum(self._capacity_blocks(t) for t in range(self.mem_count)))
 
     def _reserved(self) -> int:

@@ -30,7 +30,7 @@ import struct
 import time
 
 from kvtier.daemon import protocol
-from kvtier.daemon.engine import Engine
+from kvtier.daemon.engine import Engine, count_down
 from kvtier.errors import InputError
 
 log = logging.getLogger("kvtier.daemon")
@@ -38,6 +38,7 @@ log = logging.getLogger("kvtier.daemon")
 PREFETCH_EVERY_S = 1.0
 # Per-connection state a client could otherwise grow without bound (each is far above what an engine holds):
 MAX_LEASES_PER_CONNECTION = 65536   # gets not released yet (get_views open, or a client that never releases)
+WARN_EVERY_S = 10.0   # a warning about refused connections is logged at most this often
 ACCEPT_PAUSE_S = 0.1   # out of descriptors system-wide: how long accepting waits before it tries again
 GC_GEN0_OBJECTS = 50_000   # allocations between young collections (CPython default 700); see Collector
 
@@ -232,10 +233,11 @@ class Server:
         # held for the moment the process is out of file descriptors: closed to accept (and close) the waiting
         # peer, else the listening socket stays readable and the loop spins
         self.spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        self.shed, self.shed_logged = 0, 0.0
+        self.shed = 0
+        self._warned: dict[str, float] = {}   # kind of warning -> when it was last logged (_warn_rarely)
         self.accept_paused_until = 0.0   # out of descriptors even with the spare: stop accepting until then
         self.uid_conns: dict[int, int] = {}   # peer uid -> connections open (max_connections_per_uid)
-        self.over_quota, self.over_quota_logged = 0, 0.0
+        self.over_quota = 0
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -448,11 +450,9 @@ class Server:
         except OSError:
             pass   # the peer is gone already, or sent nothing yet (it reads this reply after EPIPE)
         sock.close()
-        now = time.monotonic()
-        if now - self.over_quota_logged >= 10.0:
-            self.over_quota_logged = now
-            log.warning("refused a connection of uid %d (pid %d): it holds %d (max_connections_per_uid); %d refused "
-                        "so far", uid, pid, self.uid_conns[uid], self.over_quota)
+        self._warn_rarely("over_quota", "refused a connection of uid %d (pid %d): it holds %d "
+                          "(max_connections_per_uid); %d refused so far", uid, pid, self.uid_conns[uid],
+                          self.over_quota)
 
     def _shed(self, why: OSError) -> None:
         """Out of file descriptors: the waiting peer is accepted and closed at once (it reads ECONNRESET), using
@@ -473,12 +473,16 @@ class Server:
             self.spare_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             self._pause_accept()   # taken again at the next shed
+        self._warn_rarely("shed", "connection refused: %s (%d connections open, %d refused so far); raise "
+                          "LimitNOFILE or find the client that does not close its connections", why.strerror,
+                          len(self.conns), self.shed)
+
+    def _warn_rarely(self, kind: str, fmt: str, *args) -> None:
+        """log.warning, at most every 10 s per kind: a client refused in a loop must not flood the journal."""
         now = time.monotonic()
-        if now - self.shed_logged >= 10.0:
-            self.shed_logged = now
-            log.warning("connection refused: %s (%d connections open, %d refused so far); raise LimitNOFILE or "
-                        "find the client that does not close its connections", why.strerror, len(self.conns),
-                        self.shed)
+        if now - self._warned.get(kind, -WARN_EVERY_S) >= WARN_EVERY_S:
+            self._warned[kind] = now
+            log.warning(fmt, *args)
 
     def _pause_accept(self) -> None:
         if not self.accept_paused_until:
@@ -506,9 +510,7 @@ class Server:
         except (KeyError, ValueError):
             pass
         if self.conns.pop(conn.sock.fileno(), None) is conn:
-            left = self.uid_conns.pop(conn.uid) - 1
-            if left:
-                self.uid_conns[conn.uid] = left
+            count_down(self.uid_conns, conn.uid)
         conn.sock.close()
         if conn.domain is not None and not any(c.domain == conn.domain for c in self.conns.values()):
             self.engine.release_domain(conn.domain)   # kept while it stores blocks

@@ -143,7 +143,9 @@ class Daemon:
         self.proc.kill()
         self.proc.wait()
 
-    def stop(self, timeout_s=20.0) -> int:
+    def stop(self, timeout_s=60.0) -> int:
+        """SIGTERM and wait, as systemd does (the unit's TimeoutStopSec=60): a graceful stop may spend up to
+        shutdown_flush_s (default 20 s) copying blocks to NVMe, longer than that under TCG on a busy host."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
@@ -152,7 +154,8 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise
+            raise TimeoutError(f"kvtierd did not stop within {timeout_s} s of SIGTERM; its log ends:\n"
+                               f"{self.log.read_text()[-2000:]}") from None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

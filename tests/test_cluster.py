@@ -200,7 +200,7 @@ class Cluster:
             if dm.alive():
                 try:
                     dm.stop(timeout_s=10)
-                except subprocess.TimeoutExpired:
+                except TimeoutError:
                     pass
         self.net.close()
 

@@ -3,8 +3,10 @@
   1. put/get of one block through the API (client library, zero-copy: the client writes into / copies out of the
      daemon's memfd arena) for 64 KiB..64 MiB blocks, vs a numpy copy of the same bytes between two buffers.
      put = reserve + client write + commit (O(1): the memory tier checksums lazily, when a block leaves it);
-     get = lookup + client copy + release; in place = get_views: lookup + release, the caller reads the
-     daemon's memory itself (no copy: the time an engine pays before its own H2D copy out of that memory).
+     get = lookup in the block directory + client copy + a touch message it does not wait for (a block not in
+     the first tier: a round trip for lookup and lease, copy, release); in place = get_views: lookup + release,
+     the caller reads the daemon's memory itself (no copy: the time an engine pays before its own H2D copy out of
+     that memory).
   2. per-op overhead for small (64-byte) blocks: one block per call, and per block in batches of 256, each
      marked against the 20 µs target.
   3. NVMe spill (put durable=True: written through with O_DIRECT straight from the arena slot, durable before
@@ -243,11 +245,21 @@ def bench_small(sock: str, client_spin_s: float | None = None, daemon_spin_s: fl
         for i in range(n):
             kv.get(None, [base + i])
         get1 = (time.perf_counter() - t) / n
+        batch = 256
+        with Client(sock, "bench", directory=False,
+                    **({} if client_spin_s is None else {"busy_poll_s": client_spin_s})) as asking:
+            t = time.perf_counter()
+            for i in range(n):
+                asking.get(None, [base + i])
+            get_asking1 = (time.perf_counter() - t) / n
+            t = time.perf_counter()
+            for j in range(0, n, batch):
+                asking.get(None, [base + j + i for i in range(min(batch, n - j))])
+            get_asking_b = (time.perf_counter() - t) / n
         t = time.perf_counter()
         for i in range(n):
             kv.contains([base + i])
         cont1 = (time.perf_counter() - t) / n
-        batch = 256
         t = time.perf_counter()
         for j in range(0, n * 4, batch):
             kv.put(None, [(base + 100_000 + j + i, "input", payload) for i in range(batch)])
@@ -261,6 +273,7 @@ def bench_small(sock: str, client_spin_s: float | None = None, daemon_spin_s: fl
     floor = round_trip_floor_us(spin_s=spin_us / 1e6, echo_spin_s=daemon_spin_s)
     return {"round_trip_floor_us": floor, "client_spin_us": spin_us, "put_us_per_op": put1 * 1e6,
             "put_pipelined_us_per_op": put_async * 1e6, "get_us_per_op": get1 * 1e6,
+            "get_asking_us_per_op": get_asking1 * 1e6, "get_asking_us_per_block_batch256": get_asking_b * 1e6,
             "contains_us_per_op": cont1 * 1e6,
             "put_us_per_block_batch256": putb * 1e6, "get_us_per_block_batch256": getb * 1e6}
 
@@ -517,8 +530,9 @@ def main() -> None:
     print(table(rows, right=set(range(1, 14))))
     s = result["small"]
     print(f"\nsmall (64 B) blocks, per-operation overhead against the target of {TARGET_US:.0f} us "
-          f"(one block per call includes the socket round trips: put, get and contains, 1 each; a put copies "
-          f"into a spare slot the previous put's reply handed out):")
+          f"(one block per call includes the socket round trips: put and contains 1 each, a get none when the block "
+          f"is in the first tier (kvtier.daemon.directory: it tells the daemon in a message it does not wait for), "
+          f"else 1; a put copies into a spare slot the previous put's reply handed out):")
     floor = s["round_trip_floor_us"]
     print(f"(transport floor, same run: a 64-byte SOCK_SEQPACKET round trip between two Python processes with no "
           f"kvtier code = {floor:.1f} us; CPU pinned: {'no' if args.cpu is None else args.cpu}; client spin for a "
@@ -527,7 +541,10 @@ def main() -> None:
              "batch of 256, us/block", f"target {TARGET_US:.0f} us"]]
     for name, one, batch in (("put", "put_us_per_op", "put_us_per_block_batch256"),
                              ("put pipelined (wait=False)", "put_pipelined_us_per_op", None),
-                             ("get", "get_us_per_op", "get_us_per_block_batch256"),
+                             ("get (read through the block directory)", "get_us_per_op",
+                              "get_us_per_block_batch256"),
+                             ("get, asking the daemon (directory=False)", "get_asking_us_per_op",
+                              "get_asking_us_per_block_batch256"),
                              ("contains", "contains_us_per_op", None)):
         over = s[one] - floor
         rows.append([name, f"{s[one]:.1f}", f"{over:.1f}", "met" if over < TARGET_US else "NOT met",

@@ -39,6 +39,24 @@ long kvt_get_mempolicy(int *mode, unsigned long *nodemask, unsigned long maxnode
                        unsigned long flags);
 long kvt_page_size(void);
 void kvt_copy_nt(void *dst, const void *src, size_t n);
+
+struct kvt_dirent {
+    uint64_t seq;
+    uint8_t key[16];
+    uint64_t offset;
+    uint64_t nbytes;
+    uint32_t arena;
+    uint8_t used;
+    uint8_t metalen;
+    uint16_t tier;
+    uint8_t meta[16];
+};
+#define KVT_DIR_HEADER_BYTES ...
+#define KVT_DIR_WAYS ...
+long kvt_dir_put(void *dir, uint64_t nbuckets, const struct kvt_dirent *v);
+long kvt_dir_del(void *dir, uint64_t nbuckets, const void *key);
+long kvt_dir_find(const void *dir, uint64_t nbuckets, const void *key, struct kvt_dirent *out);
+int kvt_dir_same(const void *dir, long index, uint64_t seq);
 """
 
 SOURCE = r"""
@@ -104,6 +122,119 @@ void kvt_copy_nt(void *dst, const void *src, size_t n)
 #else
     memcpy(dst, src, n);
 #endif
+}
+
+/* The block directory (kvtier.daemon.directory): where a domain's blocks lie in the first memory tier, mapped
+ * read-only by its clients so a get finds and copies a block without a round trip to the daemon. A 4 KiB header,
+ * then buckets of KVT_DIR_WAYS 64-byte entries (one cache line each), a bucket per low bits of the key (an
+ * xxh3_128, uniform). Each entry is a seqlock: the daemon makes seq odd, changes the entry, makes it even again;
+ * it empties an entry before the slot it names is freed, so a reader that sees the same even seq before and
+ * after copying the block's bytes copied that block, and otherwise asks the daemon. */
+#include <stdint.h>
+struct kvt_dirent {
+    uint64_t seq;       /* even: stable; odd: being changed */
+    uint8_t key[16];    /* the daemon's block key */
+    uint64_t offset;    /* of the block in its arena */
+    uint64_t nbytes;
+    uint32_t arena;     /* the arena id clients map (hello's arenas) */
+    uint8_t used;
+    uint8_t metalen;    /* bytes of msgpack'd meta (dtype, shape) */
+    uint16_t tier;
+    uint8_t meta[16];
+};
+_Static_assert(sizeof(struct kvt_dirent) == 64, "one cache line per entry");
+#define KVT_DIR_HEADER_BYTES 4096
+#define KVT_DIR_WAYS 8
+
+static struct kvt_dirent *kvt_dir_bucket(const void *dir, uint64_t nbuckets, const void *key)
+{
+    uint64_t h;
+
+    memcpy(&h, key, sizeof h);
+    return (struct kvt_dirent *)((char *)dir + KVT_DIR_HEADER_BYTES) + (h & (nbuckets - 1)) * KVT_DIR_WAYS;
+}
+
+static long kvt_dir_index(const void *dir, const struct kvt_dirent *e)
+{
+    return e - (const struct kvt_dirent *)((const char *)dir + KVT_DIR_HEADER_BYTES);
+}
+
+static void kvt_dir_write(struct kvt_dirent *e, const struct kvt_dirent *v)
+{
+    uint64_t s = e->seq;
+
+    __atomic_store_n(&e->seq, s + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);   /* odd before any field changes */
+    memcpy((char *)e + sizeof e->seq, (const char *)v + sizeof v->seq, sizeof *e - sizeof e->seq);
+    __atomic_store_n(&e->seq, s + 2, __ATOMIC_RELEASE);
+}
+
+/* Publish v (by v->key): its entry's index, or -ENOSPC when the bucket is full (the block is then found by asking
+ * the daemon). */
+long kvt_dir_put(void *dir, uint64_t nbuckets, const struct kvt_dirent *v)
+{
+    struct kvt_dirent *b = kvt_dir_bucket(dir, nbuckets, v->key), *free_e = NULL;
+    int i;
+
+    for (i = 0; i < KVT_DIR_WAYS; i++) {
+        if (b[i].used && !memcmp(b[i].key, v->key, sizeof v->key)) {
+            kvt_dir_write(&b[i], v);
+            return kvt_dir_index(dir, &b[i]);
+        }
+        if (!b[i].used && !free_e)
+            free_e = &b[i];
+    }
+    if (!free_e)
+        return -ENOSPC;
+    kvt_dir_write(free_e, v);
+    return kvt_dir_index(dir, free_e);
+}
+
+long kvt_dir_del(void *dir, uint64_t nbuckets, const void *key)
+{
+    static const struct kvt_dirent empty;
+    struct kvt_dirent *b = kvt_dir_bucket(dir, nbuckets, key);
+    int i;
+
+    for (i = 0; i < KVT_DIR_WAYS; i++)
+        if (b[i].used && !memcmp(b[i].key, key, sizeof b[i].key)) {
+            kvt_dir_write(&b[i], &empty);
+            return kvt_dir_index(dir, &b[i]);
+        }
+    return -ENOENT;
+}
+
+/* The reader: a copy of key's entry in *out (out->seq: the seq it was read at) and its index, or -ENOENT (also
+ * while the entry is being changed). The caller copies the block, then checks kvt_dir_same(). */
+long kvt_dir_find(const void *dir, uint64_t nbuckets, const void *key, struct kvt_dirent *out)
+{
+    const struct kvt_dirent *b = kvt_dir_bucket(dir, nbuckets, key);
+    int i;
+
+    for (i = 0; i < KVT_DIR_WAYS; i++) {
+        uint64_t s = __atomic_load_n(&b[i].seq, __ATOMIC_ACQUIRE);
+
+        if (s & 1)
+            continue;
+        memcpy(out, &b[i], sizeof *out);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&b[i].seq, __ATOMIC_RELAXED) != s)
+            continue;
+        if (out->used && !memcmp(out->key, key, sizeof out->key)) {
+            out->seq = s;
+            return kvt_dir_index(dir, &b[i]);
+        }
+    }
+    return -ENOENT;
+}
+
+/* Whether entry `index` still has the seq it was found at: then what was read through it was that block. */
+int kvt_dir_same(const void *dir, long index, uint64_t seq)
+{
+    const struct kvt_dirent *e = (const struct kvt_dirent *)((const char *)dir + KVT_DIR_HEADER_BYTES) + index;
+
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);   /* the block's bytes are read before seq is read again */
+    return __atomic_load_n(&e->seq, __ATOMIC_RELAXED) == seq;
 }
 """
 

@@ -26,7 +26,7 @@ import threading
 
 import numpy as np
 
-from kvtier.daemon import protocol
+from kvtier.daemon import directory, protocol
 from kvtier.errors import InputError
 
 try:
@@ -39,6 +39,7 @@ LOOKUP_BATCH = 4096   # hashes per message: well under protocol.MAX_MESSAGE_BYTE
 PUT_BATCH = 2048      # blocks per put message
 STAGE_MIN_BYTES = 1 << 20   # puts this big are staged: sent before the copy, committed after it (~12 µs less)
 NT_COPY_MIN_BYTES = 8 << 20   # blocks this big are copied with non-temporal stores (copy_block)
+TOUCHES_HELD = 1 << 16   # hashes read, kept while the daemon's socket is full (the oldest are dropped beyond)
 
 
 class DaemonError(OSError):
@@ -106,7 +107,9 @@ class _Slots(list):
 
 class Client:
     def __init__(self, socket_path: str, tenant: str, timeout_s: float = 30.0,
-                 busy_poll_s: float | None = None):
+                 busy_poll_s: float | None = None, directory: bool = True):
+        """directory=False: every get and contains asks the daemon, even for blocks its block directory lists
+        (kvtier.daemon.directory; with it, a get of a block in the first memory tier needs no round trip)."""
         self.socket_path = socket_path
         # spin this long for a reply before sleeping (0: never spin; None: protocol.default_spin_s())
         self.busy_poll_s = protocol.default_spin_s() if busy_poll_s is None else busy_poll_s
@@ -129,10 +132,16 @@ class Client:
         self._dev = None           # /dev/kvtier, when the daemon's arenas are kvtier.ko regions
         self._prefault_stop = threading.Event()
         self._prefaults: list[threading.Thread] = []
+        self._want_dir = directory
+        self._dir = None           # kvtier.daemon.directory.DirectoryView of this tenant's domain
+        self._touches: dict = {}   # session -> hashes read through the directory, not yet told to the daemon
+        self._held_touches = 0
         self.hello = self._call("hello", tenant=tenant, version=protocol.VERSION, _want_fds=True)
 
     # -- plumbing ------------------------------------------------------------------------------------
     def _call(self, op: str, _want_fds: bool = False, **fields) -> dict:
+        if self._touches:
+            self._send_touches()
         self._id += 1
         fields["op"], fields["id"] = op, self._id
         try:
@@ -164,6 +173,12 @@ class Client:
                 raise DaemonError(reply.get("errno") or errno.EIO, f"kvtierd: {reply.get('error')}")
             if "arenas" in reply:
                 self._map_arenas(reply["arenas"], fds)
+            if "directory" in reply and fds and self._want_dir and self._dir is None and directory.available():
+                try:
+                    self._dir = directory.DirectoryView(fds[-1], reply["directory"])
+                    self._dir_salt, self._dir_tier = reply["directory"]["salt"], reply["directory"]["tier"]
+                except (OSError, KeyError, ValueError, TypeError):
+                    self._dir = None   # a directory this client cannot read: every get asks the daemon
             if "spare_pool" in reply:   # the daemon moved every spare this connection holds
                 self._spares = {}
                 for sp in reply["spare_pool"]:
@@ -245,6 +260,9 @@ class Client:
             self._collect_commits()
         except OSError:
             pass
+        if self._dir is not None:
+            self._dir.close()
+            self._dir = None
         self._prefault_stop.set()   # a populate must not run on a mapping being unmapped
         for t in self._prefaults:
             t.join()
@@ -345,6 +363,8 @@ class Client:
 
     def _send_nowait(self, op: str, **fields) -> None:
         """Send without reading the reply: pipelined puts; _collect_commits() reads the replies later."""
+        if self._touches:
+            self._send_touches()
         self._id += 1
         protocol.send(self.sock, {**fields, "op": op, "id": self._id})
         self._unacked += 1
@@ -514,6 +534,83 @@ class Client:
         return result
 
     def _get(self, session, hashes, out):
+        if self._dir is not None:
+            result, missed = self._get_listed(session, hashes, out)
+            if not missed:
+                return result
+            served = self.last_served
+            got = self._get_asking(session, [hashes[i] for i in missed],
+                                   None if out is None else [out[i] for i in missed])
+            for i, a, tier in zip(missed, got, self.last_served):
+                result[i], served[i] = a, tier
+            self.last_served = served
+            return result
+        return self._get_asking(session, hashes, out)
+
+    def _get_listed(self, session, hashes, out) -> tuple[list, list[int]]:
+        """The blocks the directory lists, copied without asking the daemon (then told in a touch it does not
+        answer); (results, indexes of the rest)."""
+        d, salt, views = self._dir, self._dir_salt, self._views
+        result, missed, read = [None] * len(hashes), [], []
+        served = [None] * len(hashes)
+        for i, h in enumerate(hashes):
+            try:
+                e = d.find(directory.derive_key(salt, h))
+            except OSError:
+                e = None   # a malformed hash: the daemon's answer says what is wrong with it
+            if e is not None and e[2] < len(views) and views[e[2]] is not None and \
+                    e[3] + e[4] <= views[e[2]].nbytes:
+                index, seq, arena, offset, nbytes, meta = e
+                src = views[arena][offset:offset + nbytes]
+                if out is not None:
+                    copy_block(memoryview(out[i]).cast("B")[:nbytes], src)
+                    a = out[i]
+                else:
+                    a = np.empty(nbytes, dtype=np.uint8)
+                    copy_block(memoryview(a), src)
+                    a = _typed(a, meta)
+                if d.same(index, seq):   # the entry did not change while we copied: the bytes are that block's
+                    result[i], served[i] = a, self._dir_tier
+                    read.append(h)
+                    continue
+            missed.append(i)
+        self.last_served = served
+        if read:
+            self._touch(session, read)
+        return result, missed
+
+    def _touch(self, session, hashes) -> None:
+        """Tell the daemon what was read through the directory, without waiting for it. When its socket is full
+        (the daemon is behind), the hashes wait here and go in one message per session later: the policy then
+        sees them as one request, as it would a batched get."""
+        held = self._touches.get(session)
+        if held is None:
+            self._touches[session] = held = []
+        held += hashes
+        self._held_touches += len(hashes)
+        if self._held_touches > TOUCHES_HELD:   # the oldest go uncounted rather than this client's memory growing
+            for sid in list(self._touches):
+                self._held_touches -= len(self._touches.pop(sid))
+                if self._held_touches <= TOUCHES_HELD // 2:
+                    break
+        try:
+            self._send_touches(protocol.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        except OSError as e:   # a daemon that is gone: a read through a dead daemon's directory is no read
+            raise DaemonError(errno.ECONNRESET, f"kvtierd closed the connection ({e.strerror or e})") from None
+
+    def _send_touches(self, flags: int = 0) -> None:
+        while self._touches:
+            sid, hashes = next(iter(self._touches.items()))
+            while hashes:
+                chunk = hashes[:LOOKUP_BATCH]
+                self.sock.send(protocol.pack({"op": "touch", "session": sid, "blocks": chunk}), flags)
+                del hashes[:LOOKUP_BATCH]
+                self._held_touches -= len(chunk)
+            del self._touches[sid]
+
+    def _get_asking(self, session, hashes, out):
         reply = self._call("get", session=session, blocks=hashes)
         result = []
         try:

@@ -27,8 +27,9 @@ from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
-import xxhash
 
+from kvtier.daemon import directory
+from kvtier.daemon.directory import derive_key
 from kvtier.policy.model import BlockType, Request, SessionState
 from kvtier.policy.registry import make_policy
 from kvtier.store.base import ErrorBoundExceeded
@@ -54,20 +55,6 @@ BLOCK_TYPES = {t.name.lower(): int(t) for t in BlockType}
 
 def err(code: int, msg: str) -> OSError:
     return OSError(code, msg)
-
-
-def derive_key(salt: bytes, prefix_hash) -> bytes:
-    if isinstance(prefix_hash, bool) or not isinstance(prefix_hash, (int, bytes)):
-        raise err(errno.EINVAL, f"a prefix hash is an int or bytes, got {type(prefix_hash).__name__}")
-    if isinstance(prefix_hash, int):
-        if not 0 <= prefix_hash < 1 << 64:
-            raise err(errno.EINVAL, "an int prefix hash must be in [0, 2**64) (longer hashes: pass bytes)")
-        h = prefix_hash.to_bytes(8, "little")
-    else:
-        if len(prefix_hash) > 64:
-            raise err(errno.EINVAL, "a bytes prefix hash is at most 64 bytes")
-        h = b"b" + prefix_hash
-    return xxhash.xxh3_128_digest(salt + b"\0" + h)
 
 
 def _plain(x):
@@ -196,6 +183,13 @@ class Engine:
         if any(t.kind == "gpu" for t in tiers):
             from kvtier.cuda.placement import GpuPlacement
             self.gpu = GpuPlacement(self)
+        # block directories, one per domain (kvtier.daemon.directory): clients read the first tier's blocks
+        # without asking. Not where the first tier is a GPU's (clients cannot map it)
+        self.dirs: dict[bytes, directory.Directory] = {}
+        self.directory_on = directory.available() and self.gpu is None and self.mem_count > 0 and \
+            hasattr(tiers[0], "on_free")
+        if self.directory_on:
+            tiers[0].on_free = self._unlist
         if self.nvme is not None:
             self._recover_nvme()
 
@@ -240,7 +234,25 @@ class Engine:
                 held = {d for m in range(self.mem_count) for d in self.tiers[m].domains}
                 self.domain_tenants = {d: ts for d, ts in self.domain_tenants.items() if d in held}
         self.domain_tenants.setdefault(domain, set()).add(tenant)
+        if self.directory_on and domain not in self.dirs:
+            self.dirs[domain] = directory.Directory(directory.buckets_for(self._capacity_blocks(0)))
         return domain
+
+    def directory(self, domain: bytes):
+        """The domain's block directory for its clients to map (None: gets go through the socket only)."""
+        return self.dirs.get(domain) if self.cluster is None else None
+
+    def _list(self, b: Block, slot) -> None:
+        """Put b, just served or stored in the first tier at `slot`, in its domain's directory."""
+        d = self.dirs.get(self.salt(b.tenant)) if b.tenant is not None else None
+        if d is not None and self.cluster is None:
+            d.put(b.key, self._arena_id(0, slot.arena), 0, slot.offset, slot.nbytes, b.meta)
+
+    def _unlist(self, key: bytes, domain: bytes | None) -> None:
+        """key's slot in the first tier is about to be freed (MemoryTier.on_free): no client may find it after."""
+        d = self.dirs.get(domain)
+        if d is not None:
+            d.delete(key)
 
     def release_domain(self, domain: bytes, stale: bool = False) -> None:
         """The last connection of a domain closed: its arenas go where nothing is stored in them (`stale`: the
@@ -250,6 +262,9 @@ class Engine:
             released &= self.tiers[t].release_domain(domain, keep_prefaulted=not stale)
         if released:
             self.domain_tenants.pop(domain, None)
+            d = self.dirs.pop(domain, None)
+            if d is not None:
+                d.close()
 
     def release_stale_domains(self, busy: set) -> None:
         """After a reload: domains that none of the tenants that bound them maps to any more (their salt changed),
@@ -777,6 +792,8 @@ class Engine:
         return (b for b in map(blocks.get, self.tiers[t].keys()) if b is not None and b.tier == t)
 
     def _forget(self, b: Block) -> None:
+        if self.dirs and b.tenant is not None:
+            self._unlist(b.key, self.salt(b.tenant))
         gone = self.blocks.pop(b.key, None)
         if gone is not None:
             self._unindex(gone)
@@ -1183,6 +1200,8 @@ class Engine:
                     failure = (e.errno, f"write-through to NVMe failed: {e.strerror or e}")
                     continue
             self._add(b)
+            if b.tier == 0 and self.dirs:
+                self._list(b, self.tiers[0].locate(key))
             if s is not None:
                 b.sessions.add(sid)
                 s.blocks[key] = None
@@ -1351,6 +1370,8 @@ class Engine:
                     continue
             else:
                 t_slot, slot = b.tier, self.tiers[b.tier].locate(b.key)
+                if t_slot == 0 and self.dirs:
+                    self._list(b, slot)
             slots.append([self._arena_id(t_slot, slot.arena), slot.offset, slot.nbytes, b.meta])
             served.append(self.cluster.name if self.cluster is not None and b.key in self.cluster.fetched_now
                           else self.tiers[src].name)
@@ -1376,6 +1397,37 @@ class Engine:
             if self.blocks.get(b.key) is b and not b.pins and b.tier == 0:
                 self._account_hit(b, 0, req, pos)
         self.policies[0].request_done(req)
+
+    def touch(self, tenant: str, sid, hashes: list) -> int:
+        """Blocks a client read through its directory (kvtier.daemon.directory): counted as hits of the first
+        tier, and seen by the policy as a get's are. Blocks gone since, or not the tenant's, are skipped.
+        Returns how many were counted."""
+        try:
+            s = self._session(tenant, sid)
+        except OSError:
+            s = None   # ended since: the hits still count
+        salt = self.salt(tenant)
+        served, hits = [], []
+        for h in hashes:
+            try:
+                b = self.blocks.get(derive_key(salt, h))
+            except OSError:
+                continue
+            if b is None or b.tenant is None or not self._mine(b, tenant, salt):
+                continue
+            self.counters["gets"] += 1
+            self.hits_by_tier[0] += 1
+            b.hits += 1
+            if self.metrics is not None:
+                self.metrics.hit(self.tiers[0].name)
+            if s is not None:
+                self._attach(s, b)
+            if not b.pins:
+                hits.append((b, len(served)))
+            served.append(b)
+        if served:
+            self._account_hits(self._request(sid if s is not None else None, tenant, served), hits)
+        return len(served)
 
     def release(self, lease: int) -> None:
         if self.gpu is not None:

@@ -27,7 +27,8 @@ slots the client copies out of, then releases.
 
 Ops (fields; reply fields):
   hello            tenant, version                 -> arenas [{arena, tier, kind, size, region_id?}] (+ memfd fds),
-                                                      block size limits, put_batch_bytes, get_batch_blocks
+                                                      block size limits, put_batch_bytes, get_batch_blocks,
+                                                      directory? {size, buckets, salt, tier} (+ its fd, last)
   arenas           -                               -> arenas (+ fds): after a reply names an unknown arena
   register_session name?                           -> session
   end_session      session                         -> released (blocks it referenced)
@@ -55,6 +56,9 @@ Ops (fields; reply fields):
   abort            txn | staged: true
   get              session?, blocks [hash]          -> lease, slots [[arena, off, n, meta]|None], tiers
   release          lease                           (no reply when sent without id)
+  touch            session?, blocks [hash]         (sent without id, no reply) blocks the client read itself
+                                                   through the domain's block directory (daemon/directory.py):
+                                                   counted as hits and shown to the policy like a get's
   contains         blocks [hash]                   -> tiers [name|None]
   delete           blocks [hash], spare_pool?      -> deleted, spare_pool? (with spare_pool: true and spares held,
                                                       they are re-reserved into the room just freed and the

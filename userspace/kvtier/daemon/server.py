@@ -190,7 +190,7 @@ class Server:
             "hello": self.op_hello, "arenas": self.op_arenas, "register_session": self.op_register_session,
             "end_session": self.op_end_session, "hint": self.op_hint, "put": self.op_put, "commit": self.op_commit,
             "abort": self.op_abort, "spare": self.op_spare,
-            "get": self.op_get, "release": self.op_release, "contains": self.op_contains,
+            "get": self.op_get, "release": self.op_release, "touch": self.op_touch, "contains": self.op_contains,
             "delete": self.op_delete, "stats": self.op_stats, "sessions": self.op_sessions,
             "blocks": self.op_blocks, "explain": self.op_explain, "pin": self.op_pin, "unpin": self.op_unpin,
             "evict": self.op_evict, "policy": self.op_policy, "policy_set": self.op_policy, "moves": self.op_moves,
@@ -647,6 +647,12 @@ class Server:
                      put_batch_bytes=max(1, min(self.engine.limit_bytes[:self.engine.mem_count]) // 2),
                      get_batch_blocks=max(1, min(self.engine.limit_bytes[:self.engine.mem_count]) // 2
                                           // self.cfg.nominal_block_bytes))
+        d = self.engine.directory(conn.domain)
+        if d is not None:
+            # the salt lets the client compute the keys of its own domain's blocks, no one else's (it maps no
+            # other domain's directory or arenas)
+            reply["directory"] = {**d.handle(), "salt": conn.domain, "tier": self.tiers[0].name}
+            fds = [*fds, d.fd]
         return reply, fds
 
     def op_arenas(self, conn, msg):
@@ -837,6 +843,15 @@ class Server:
         if lease in conn.leases:
             conn.leases.discard(lease)
             self.engine.release(lease)
+        return {}, []
+
+    def op_touch(self, conn, msg):
+        # no reply is read for a touch, so nothing here may fail: bad hashes are skipped, as blocks gone since are
+        blocks = msg.get("blocks")
+        session = msg.get("session")
+        if conn.tenant is not None and isinstance(blocks, list) and len(blocks) <= 1 << 16 and \
+                (session is None or isinstance(session, int) and not isinstance(session, bool)):
+            self.engine.touch(conn.tenant, session, blocks)
         return {}, []
 
     def op_contains(self, conn, msg):

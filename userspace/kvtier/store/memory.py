@@ -163,6 +163,9 @@ class MemoryTier(Tier):
         self._pending: dict[bytes, _Block] = {}  # reserved, not yet committed
         self._arenas: list[_Arena | None] = []   # Slot.arena indexes it; a released arena leaves None
         self._domains: dict[bytes, list[int]] = {}   # domain -> its arenas
+        # called as on_free(key, domain) before a committed block's slot is freed (the daemon unlists it from its
+        # block directory first: clients read listed slots without asking, see kvtier.daemon.directory)
+        self.on_free = None
         self.arena_generation = 0   # counts arena sets opened and closed (for whoever caches arenas())
         self._dev = None
         self.backend_note = ""
@@ -444,6 +447,11 @@ class MemoryTier(Tier):
     def _free(self, b: _Block) -> None:
         self._arenas[b.arena].alloc.free(b.offset, b.nbytes)
 
+    def _free_committed(self, key: bytes, b: _Block) -> None:
+        if self.on_free is not None:
+            self.on_free(key, self._arenas[b.arena].domain)
+        self._free(b)
+
     def reserve(self, key: bytes, nbytes: int, domain: bytes = DEFAULT_DOMAIN) -> Slot:
         """Space for a block a client writes directly, in one of `domain`'s arenas; invisible until
         commit(key)."""
@@ -476,7 +484,7 @@ class MemoryTier(Tier):
                 b.checksum = checksum(self._view(b))
             old = self._blocks.get(key)
             if old is not None:
-                self._free(old)
+                self._free_committed(key, old)
             self._blocks[key] = b
             self._stats["commits"] += 1
             self._stats["puts"] += 1
@@ -571,7 +579,7 @@ class MemoryTier(Tier):
             old = self._blocks.get(key)
             if error.errno != errno.ENOSPC or old is None:
                 raise error
-            self._free(old)
+            self._free_committed(key, old)
             slot = self._alloc(nbytes, self._arenas[old.arena].domain)
             if slot is None:
                 arena = self._arenas[old.arena].alloc
@@ -586,7 +594,7 @@ class MemoryTier(Tier):
 
     def _drop_corrupt(self, key: bytes, b: _Block) -> None:
         del self._blocks[key]
-        self._free(b)
+        self._free_committed(key, b)
         self._stats["checksum_failures"] += 1
 
     def _lookup(self, key: bytes) -> _Block:
@@ -629,10 +637,11 @@ class MemoryTier(Tier):
 
     def delete(self, key: bytes) -> bool:
         with self._lock:
-            b = self._blocks.pop(check_key(key), None)
+            key = check_key(key)
+            b = self._blocks.pop(key, None)
             if b is None:
                 return False
-            self._free(b)
+            self._free_committed(key, b)
             self._stats["deletes"] += 1
             return True
 

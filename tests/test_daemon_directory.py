@@ -7,11 +7,13 @@ import errno
 import mmap
 import multiprocessing as mp
 import os
+import re
+import subprocess
 
 import numpy as np
 import pytest
 
-from daemon_proc import BACKENDS, backend_config, running_daemon, short_dir, write_config
+from daemon_proc import BACKENDS, KVCTL, backend_config, running_daemon, short_dir, write_config
 from kvtier.client import Client, DaemonError, admin_call
 from kvtier.daemon import directory
 from kvtier.daemon.directory import Directory, DirectoryView, derive_key
@@ -88,7 +90,11 @@ def test_get_of_a_first_tier_block_needs_no_round_trip_and_is_counted(daemon):
         kv._call = call
         # the daemon saw the three hits (the touches go before any later request on the connection)
         kv.stats()
-        assert admin_call(daemon.socket, "stats")["tiers"][0]["hits"] == before + 3
+        st = admin_call(daemon.socket, "stats")
+        assert st["tiers"][0]["hits"] == before + 3
+        assert st["directory"]["on"] and st["directory"]["listed"] >= 2 and st["directory"]["touched"] >= 3
+        r = subprocess.run([KVCTL, "status", "--socket", daemon.socket], capture_output=True, text=True)
+        assert r.returncode == 0 and re.search(r"block directory: on, \d+ blocks listed", r.stdout), r.stdout
         explained = kv.call("explain", block=derive_key(b"tenant:dir-a", 1).hex())
         assert explained["hits"] >= 2
         # a miss and a block the directory does not list go to the daemon, in one get with a listed one

@@ -92,6 +92,11 @@ def render(st: dict) -> str:
                      f"{'/'.join(map(str, g['collections']))} collections (gen 0/1/2), longest pause "
                      f"{g['pause_max_ms']:.1f} ms, {g['pause_total_ms']:.0f} ms in all, "
                      f"{g['frozen_objects']:,} objects frozen")
+    dr = st.get("directory")
+    if dr:   # block directories: gets that clients served themselves, without a round trip
+        lines.append(f"block directory: {'on' if dr['on'] else 'off'}, {dr['listed']} blocks listed in "
+                     f"{dr['domains']} domains ({dr['bucket_full']} not listed: bucket full), "
+                     f"{dr['touched']} hits read by clients directly")
     cl = st.get("cluster")
     if cl:   # the Mooncake cluster tier: health, what it measured, what it did
         h, c = cl["health"], cl["counters"]

@@ -157,7 +157,7 @@ class Engine:
         self.moves: deque = deque(maxlen=MOVES_KEPT)
         self.counters = {"puts": 0, "dedup_puts": 0, "gets": 0, "misses": 0, "demotions": 0, "promotions": 0,
                          "drops": 0, "bytes_moved": 0, "prefetches": 0, "reclaim_batches": 0,
-                         "writeback_blocks": 0}
+                         "writeback_blocks": 0, "touched": 0}
         self.hits_by_tier = [0] * len(tiers)
         self.evictions: dict[str, int] = {}
         self.set_free_targets([getattr(tc, "free_target_bytes", 0) for tc in cfg.tiers])
@@ -841,6 +841,8 @@ class Engine:
                 b.nvme_copy = False
         # a durable block keeps its NVMe copy: it is now in memory and on disk
         self._retier(b, dst)
+        if dst == 0 and self.dirs:
+            self._list(b, self.tiers[0].locate(b.key))   # a prefetch, say: the next get finds it without asking
         if self.gpu is not None:
             self.gpu.after_promote(b)   # a shared prefix on the GPU: read-mostly
         self.counters["promotions"] += 1
@@ -1416,6 +1418,7 @@ class Engine:
             if b is None or b.tenant is None or not self._mine(b, tenant, salt):
                 continue
             self.counters["gets"] += 1
+            self.counters["touched"] += 1
             self.hits_by_tier[0] += 1
             b.hits += 1
             if self.metrics is not None:
@@ -1616,6 +1619,10 @@ class Engine:
                 "hit_rate": hits / gets if gets else 0.0,
                 "hit_rate_by_tier": {self.tiers[t].name: (h / gets if gets else 0.0)
                                      for t, h in enumerate(self.hits_by_tier)},
+                "directory": {"on": self.directory_on and self.cluster is None, "domains": len(self.dirs),
+                              "listed": sum(d.listed() for d in self.dirs.values()),
+                              "bucket_full": sum(d.bucket_full for d in self.dirs.values()),
+                              "touched": self.counters["touched"]},
                 **({"cluster": self.cluster.status()} if self.cluster is not None else {})}
 
     def flush_for_restart(self, budget_s: float, batch_bytes: int = 64 << 20) -> dict:

@@ -560,6 +560,36 @@ def test_pinned_and_reserved_blocks_are_bounded_by_count(daemon_dir):
         assert d.stop() == 0
 
 
+def test_a_session_leaving_decoding_with_many_blocks_is_unpinned_between_requests(daemon_dir):
+    # Unpinned blocks go back to the policies, and each may cascade demotions down to NVMe: unpinned all at once,
+    # 8,000 tiny blocks held every tenant's requests for 2.5 s (65,000: over 30 s). They are unpinned in steps
+    # now, between requests, and a pin taken meanwhile is kept.
+    from kvtier.daemon.engine import UNPIN_AT_ONCE
+    n = 4 * UNPIN_AT_ONCE
+    d = Daemon(daemon_dir, write_config(daemon_dir, nvme="128MiB")).start()   # 16 + 16 nominal blocks in memory
+    try:
+        with Client(d.socket, "acme") as kv, Client(d.socket, "other") as other:
+            sid = kv.register_session("long")
+            kv.hint(sid, "decoding")
+            data = [b"%063d" % i for i in range(n)]
+            kv.put(sid, [(i, "input", data[i]) for i in range(n)])
+            assert d.stats()["pinned_blocks"] == n
+            kv.hint(sid, "idle")
+            kv.hint(sid, "decoding")   # back before the unpinning is done: its pins stay
+            assert wait_for(lambda: d.stats()["unpinning_blocks"] == 0, 120)
+            assert d.stats()["pinned_blocks"] == n
+            kv.end_session(sid)   # answered at once; the unpinning goes on between requests
+            st = d.stats()
+            assert st["unpinning_blocks"] > 0 and st["pinned_blocks"] > 0
+            assert other.put(None, [(1, "input", b"served meanwhile")]) == 1
+            assert bytes(other.get(None, [1])[0]) == b"served meanwhile"
+            assert wait_for(lambda: d.stats()["pinned_blocks"] == 0, 120)
+            got = kv.get(None, range(0, n, 97))   # back to the policies: demoted or kept, never lost
+            assert [bytes(g) for g in got] == [data[i] for i in range(0, n, 97)]
+    finally:
+        assert d.stop() == 0
+
+
 def test_systemd_notify_ready_watchdog_stopping(daemon_dir):
     sock_path = str(daemon_dir / "notify.sock")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -69,7 +69,8 @@ def render(st: dict) -> str:
     lines = [f"kvtierd pid {st['pid']} on {st['socket']} ({st['config']}), policy {st['policy']}, "
              f"up {st['uptime_s']:.0f} s",
              table(rows, right={2, 3, 4, 5, 6}),
-             f"sessions {st['sessions']}, blocks {st['blocks']} ({st['pinned_blocks']} pinned), "
+             f"sessions {st['sessions']}, blocks {st['blocks']} ({st['pinned_blocks']} pinned"
+             f"{', %d being unpinned' % st['unpinning_blocks'] if st.get('unpinning_blocks') else ''}), "
              f"hit rate {100 * st['hit_rate']:.1f}% of {c['gets']} lookups "
              f"({', '.join(f'{k} {100 * v:.1f}%' for k, v in st['hit_rate_by_tier'].items())})",
              f"puts {c['puts']} (+{c['dedup_puts']} deduplicated), demotions {c['demotions']}, promotions "

@@ -47,6 +47,8 @@ PUT_SPARES_MAX = 2048   # spare slots handed out per request
 OUT_OF_POLICY_MIN_BLOCKS = 65536
 NVME_MAGIC = b"KVB1"
 RECLAIM_BATCH_BYTES = 8 << 20   # one step of background reclaim: ~2-3 ms of disk here, then requests again
+UNPIN_AT_ONCE = 1024   # a session leaving decoding with more pinned blocks is unpinned in steps (unpin_step)
+UNPIN_STEP_S = 0.002   # of unpinning per server turn, then requests again
 WRITEBACK_DEPTH = 2   # reclaim batches queued for the writer thread: the next is ready when one is done
 STATES = {"prefilling": SessionState.PREFILL, "decoding": SessionState.DECODE, "idle": SessionState.IDLE,
           "finished": SessionState.FINISHED, "resume": SessionState.RESUME}
@@ -179,6 +181,8 @@ class Engine:
         # else runs in between, so the policy sees the same events in the same order.
         self.defer_policy = False
         self._deferred: deque = deque()
+        # blocks of sessions that left decoding, unpinned by unpin_step, and policy hints given after them
+        self._unpins: deque = deque()
         self.gpu = None       # kvtier.cuda.placement.GpuPlacement: hooks for GPU tiers (first tiers), when any
         if any(t.kind == "gpu" for t in tiers):
             from kvtier.cuda.placement import GpuPlacement
@@ -917,10 +921,15 @@ class Engine:
             if self.gpu is not None:
                 self.gpu.decoding(s)   # its GPU-resident blocks: prefetched to the GPU again
         elif state != "decoding" and was == "decoding":
-            for key in list(s.blocks):
-                b = self.blocks.get(key)
-                if b is not None:
+            held = [b for b in map(self.blocks.get, s.blocks) if b is not None]
+            if len(held) <= UNPIN_AT_ONCE and not self._unpins:
+                for b in held:
                     self._unpin(b)
+            else:
+                # Back to the policies a few ms at a time between requests (unpin_step): each may cascade
+                # demotions, and tens of thousands at once held every tenant's requests for seconds. Until then
+                # they stay pinned, which is what they were; a pin taken meanwhile is counted on top.
+                self._unpins.extend(held)
         if state == "resume":
             for key in list(s.blocks):
                 b = self.blocks.get(key)
@@ -936,9 +945,15 @@ class Engine:
         if hinted in (SessionState.FINISHED, SessionState.RESUME):
             bids = [b.bid for b in map(self.blocks.get, s.blocks) if b is not None]
         now_ms = time.monotonic() * 1e3
+        if self._unpins:   # after the unpinning queued before it: the policies hear it with the blocks back
+            self._unpins.append((sid, hinted, now_ms, bids))
+        else:
+            self._hint_policies(sid, hinted, now_ms, bids)
+        s.state = state
+
+    def _hint_policies(self, sid, hinted, now_ms, bids) -> None:
         for p in self.policies:
             p.session_hint(sid, hinted, now_ms, bids)
-        s.state = state
 
     def _attach(self, s: Session, b: Block) -> None:
         """b is now one of s's blocks; a decoding session pins what it takes on (and unpins it at idle)."""
@@ -950,6 +965,21 @@ class Engine:
             self.gpu.shared(b)
         if s.state == "decoding":
             self._pin(b)
+
+    def unpin_step(self, budget_s: float = UNPIN_STEP_S) -> bool:
+        """Unpin the blocks of sessions that left decoding, and pass on the hints given after them, for up to
+        budget_s; True while some are left."""
+        q = self._unpins
+        deadline = time.perf_counter() + budget_s
+        while q:
+            b = q.popleft()
+            if b.__class__ is tuple:
+                self._hint_policies(*b)   # a hint given while blocks were still to be unpinned
+            else:
+                self._unpin(b)
+            if time.perf_counter() > deadline:
+                break
+        return bool(q)
 
     def _pin(self, b: Block) -> None:
         b.pins += 1
@@ -1615,6 +1645,7 @@ class Engine:
         hits = sum(self.hits_by_tier)
         return {"policy": self.policy_name, "tiers": self.tier_rows(), "sessions": len(self.sessions),
                 "blocks": len(self.blocks), "pinned_blocks": self.pinned_blocks(),
+                "unpinning_blocks": sum(1 for b in self._unpins if b.__class__ is not tuple),
                 "counters": dict(self.counters), "evictions": dict(self.evictions),
                 "hit_rate": hits / gets if gets else 0.0,
                 "hit_rate_by_tier": {self.tiers[t].name: (h / gets if gets else 0.0)

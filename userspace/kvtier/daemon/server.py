@@ -337,11 +337,18 @@ class Server:
             pass   # full: a wake-up is pending anyway
 
     def _reclaim(self) -> bool:
+        """Background work, one step a turn: unpinning a session that left decoding, then refilling free targets.
+        True while there is more."""
         try:
-            return self.engine.reclaim()
+            more = self.engine.unpin_step()
+        except Exception:
+            log.exception("unpin")
+            more = False
+        try:
+            return self.engine.reclaim() or more
         except Exception:   # a failed demotion is logged where it happens; never stop serving for it
             log.exception("reclaim")
-            return False
+            return more
 
     def shutdown(self) -> None:
         sd_notify("STOPPING=1")

@@ -8,6 +8,7 @@ import mmap
 import multiprocessing as mp
 import os
 import re
+import signal
 import subprocess
 
 import numpy as np
@@ -188,3 +189,24 @@ def test_a_read_through_a_dead_daemons_directory_fails():
         assert e.value.errno == errno.ECONNRESET
         kv.close()
         d.start()
+
+
+def test_gets_go_on_while_the_daemon_is_stopped_and_their_hits_are_counted_after():
+    # Directory gets never wait for the daemon. Their touches wait in the client while the daemon's socket is full
+    # (here: the daemon is stopped), then go as one message per session, so no hit is lost.
+    d_dir = short_dir()
+    with running_daemon(d_dir, write_config(d_dir, dram="8MiB")) as d:
+        with Client(d.socket, "dir-stop") as kv:
+            kv.put(None, [(i, "input", b"%0100d" % i) for i in range(8)])
+            before = admin_call(d.socket, "stats")["tiers"][0]["hits"]
+            d.signal(signal.SIGSTOP)
+            try:
+                n = 3000
+                for j in range(n):
+                    assert bytes(kv.get(None, [j % 8])[0]) == b"%0100d" % (j % 8)
+                assert kv._held_touches > 0   # the socket filled up: they wait here
+            finally:
+                d.signal(signal.SIGCONT)
+            kv.stats()   # sends what waited, first
+            assert kv._held_touches == 0
+            assert admin_call(d.socket, "stats")["tiers"][0]["hits"] == before + n

@@ -140,11 +140,11 @@ class Client:
 
     # -- plumbing ------------------------------------------------------------------------------------
     def _call(self, op: str, _want_fds: bool = False, **fields) -> dict:
-        if self._touches:
-            self._send_touches()
         self._id += 1
         fields["op"], fields["id"] = op, self._id
         try:
+            if self._touches:
+                self._send_touches()   # first: the daemon sees what was read before what comes next
             protocol.send(self.sock, fields)
         except (BrokenPipeError, ConnectionResetError):
             self._reply()   # a daemon that refused the connection said why before closing it: raise that
@@ -257,6 +257,8 @@ class Client:
 
     def close(self) -> None:
         try:
+            if self._touches:
+                self._send_touches()
             self._collect_commits()
         except OSError:
             pass

@@ -96,7 +96,7 @@ def render(st: dict) -> str:
     dr = st.get("directory")
     if dr:   # block directories: gets that clients served themselves, without a round trip
         lines.append(f"block directory: {'on' if dr['on'] else 'off'}, {dr['listed']} blocks listed in "
-                     f"{dr['domains']} domains ({dr['bucket_full']} not listed: bucket full), "
+                     f"{dr['domains']} domains ({dr['bucket_full']} listings refused: bucket full), "
                      f"{dr['touched']} hits read by clients directly")
     cl = st.get("cluster")
     if cl:   # the Mooncake cluster tier: health, what it measured, what it did

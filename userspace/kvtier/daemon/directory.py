@@ -91,7 +91,7 @@ class Directory:
             raise
         self._base = ffi.from_buffer(self.buf)
         self._entry = ffi.new("struct kvt_dirent *")
-        self.bucket_full = 0     # blocks not listed: their bucket was full
+        self.bucket_full = 0     # listings refused for a full bucket (a block served again is tried again)
 
     def put(self, key: bytes, arena: int, tier: int, offset: int, nbytes: int, meta) -> bool:
         """List a block (or move its entry); False if it is not listed (its bucket is full, or meta too big)."""

@@ -108,7 +108,7 @@ class _Slots(list):
 class Client:
     def __init__(self, socket_path: str, tenant: str, timeout_s: float = 30.0,
                  busy_poll_s: float | None = None, directory: bool = True):
-        """directory=False: every get and contains asks the daemon, even for blocks its block directory lists
+        """directory=False: every get asks the daemon, even for blocks its block directory lists
         (kvtier.daemon.directory; with it, a get of a block in the first memory tier needs no round trip)."""
         self.socket_path = socket_path
         # spin this long for a reply before sleeping (0: never spin; None: protocol.default_spin_s())

@@ -238,18 +238,19 @@ class Engine:
                 held = {d for m in range(self.mem_count) for d in self.tiers[m].domains}
                 self.domain_tenants = {d: ts for d, ts in self.domain_tenants.items() if d in held}
         self.domain_tenants.setdefault(domain, set()).add(tenant)
-        if self.directory_on and domain not in self.dirs:
+        # (none with a cluster tier: its fetch and publish hooks sit on the get path)
+        if self.directory_on and self.cluster is None and domain not in self.dirs:
             self.dirs[domain] = directory.Directory(directory.buckets_for(self._capacity_blocks(0)))
         return domain
 
     def directory(self, domain: bytes):
         """The domain's block directory for its clients to map (None: gets go through the socket only)."""
-        return self.dirs.get(domain) if self.cluster is None else None
+        return self.dirs.get(domain)
 
     def _list(self, b: Block, slot) -> None:
         """Put b, just served or stored in the first tier at `slot`, in its domain's directory."""
         d = self.dirs.get(self.salt(b.tenant)) if b.tenant is not None else None
-        if d is not None and self.cluster is None:
+        if d is not None:
             d.put(b.key, self._arena_id(0, slot.arena), 0, slot.offset, slot.nbytes, b.meta)
 
     def _unlist(self, key: bytes, domain: bytes | None) -> None:
@@ -796,8 +797,6 @@ class Engine:
         return (b for b in map(blocks.get, self.tiers[t].keys()) if b is not None and b.tier == t)
 
     def _forget(self, b: Block) -> None:
-        if self.dirs and b.tenant is not None:
-            self._unlist(b.key, self.salt(b.tenant))
         gone = self.blocks.pop(b.key, None)
         if gone is not None:
             self._unindex(gone)

@@ -100,3 +100,70 @@ def test_spares_are_freed_when_the_connection_closes(daemon):
         kv.delete([100 + i for i in range(8)])
     assert before
     assert sum(t.get("used_bytes") for t in daemon.stats()["tiers"]) == used0
+
+
+def _sent(kv, monkeypatch):
+    """The ops a Client sends, with whether each carried an id (expects a reply)."""
+    from kvtier.daemon import protocol
+    sent = []
+    orig = protocol.send
+
+    def send(sock, msg, fds=()):
+        if sock is kv.sock:
+            sent.append((msg["op"], "id" in msg))
+        return orig(sock, msg, fds)
+    monkeypatch.setattr(protocol, "send", send)
+    return sent
+
+
+def test_pipelined_small_puts_go_without_replies_and_flush_counts_them(daemon, monkeypatch):
+    rng = np.random.default_rng(3)
+    blocks = [rng.integers(0, 255, 64, dtype=np.uint8) for _ in range(200)]
+    with Client(daemon.socket, "spare-f") as kv, Client(daemon.socket, "spare-f") as other:
+        sent = _sent(kv, monkeypatch)
+        for i, b in enumerate(blocks):
+            assert kv.put(None, [(1000 + i, "input", b)], wait=False) == 0
+            if i == 100:   # this connection's next request sees every put sent before it, flushed or not
+                assert kv.get(None, [1000 + i])[0].tobytes() == b.tobytes()
+        puts = [has_id for op, has_id in sent if op == "put"]
+        assert len(puts) == 200 and puts.count(False) >= 150, sent   # most puts get no reply at all
+        assert kv.put(None, [(1000, "input", blocks[0])], wait=False) == 0   # a duplicate: not counted
+        assert kv.flush() == 200
+        assert kv.flush() == 0
+        got = other.get(None, [1000 + i for i in range(200)])   # another connection of the tenant sees them
+        assert all(g.tobytes() == b.tobytes() for g, b in zip(got, blocks))
+    with Client(daemon.socket, "spare-g") as stranger:   # and no other tenant does
+        assert stranger.contains([1000 + i for i in range(200)]) == [None] * 200
+
+
+def test_a_failed_put_without_reply_surfaces_at_the_next_call_and_leaks_nothing(daemon):
+    data = np.full(64, 3, dtype=np.uint8)
+    with Client(daemon.socket, "spare-h") as kv:
+        for i in range(20):
+            kv.put(None, [(2000 + i, "input", data)], wait=False)   # spares enough for puts without reply
+        kv.flush()
+        nowait = kv._nowait
+        spare = kv._spares[64][-1]   # the one the next put takes
+        kv.put(None, [(2100, "no-such-type", data)], wait=False)   # refused by the daemon, after the call returned
+        kv.put(None, [(2101, "input", data)], wait=False)          # and the pipeline goes on
+        assert kv._nowait == nowait + 2
+        with pytest.raises(DaemonError) as e:
+            kv.contains([2101])
+        assert e.value.errno == errno.EINVAL and "block type" in str(e.value)
+        assert kv.contains([2100, 2101]) == [None, "dram0"]   # replies stay in step: this is contains' answer
+        assert kv.flush() == 1
+        # the refused put's spare went back: the connection holds it no more
+        with pytest.raises(DaemonError) as e:
+            kv.call("put", blocks=[[2103, "input", 64, None, None, spare[:3]]], spared=True)
+        assert e.value.errno == errno.EINVAL and "not this connection's" in str(e.value)
+        # garbage sent without an id gets no reply either: the next call still reads its own
+        from kvtier.daemon import protocol
+        for junk in ({"op": "put", "nowait": True, "spared": True, "blocks": "x"},
+                     {"op": "put", "nowait": True, "spared": True, "blocks": [[1, 2, 3]]},
+                     {"op": "put", "nowait": True, "spared": True, "blocks": [[2102, "input", 64, None, None,
+                                                                              [10 ** 15, 0, 0]]]}):
+            protocol.send(kv.sock, junk)
+        with pytest.raises(DaemonError) as e:
+            kv.contains([2102])
+        assert e.value.errno == errno.EINVAL and "3 put(s)" in str(e.value)
+        assert kv.contains([2101, 2102]) == ["dram0", None]

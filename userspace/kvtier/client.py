@@ -38,6 +38,7 @@ BLOCK_TYPES = ("prefix", "history", "input", "tail")
 LOOKUP_BATCH = 4096   # hashes per message: well under protocol.MAX_MESSAGE_BYTES
 PUT_BATCH = 2048      # blocks per put message
 STAGE_MIN_BYTES = 1 << 20   # puts this big are staged: sent before the copy, committed after it (~12 µs less)
+PIPELINED_SPARES = 64   # sets of spares held for small pipelined puts: most then go without a reply
 NT_COPY_MIN_BYTES = 8 << 20   # blocks this big are copied with non-temporal stores (copy_block)
 TOUCHES_HELD = 1 << 16   # hashes read, kept while the daemon's socket is full (the oldest are dropped beyond)
 
@@ -124,6 +125,8 @@ class Client:
             raise
         self._id = 0
         self._unacked = 0          # commits sent without waiting for their reply
+        self._nowait = 0           # puts sent with no reply at all: their results come with a later reply
+        self._nowait_failed = None   # the DaemonError a reply reported for them, raised by the call reading it
         self.stored_unacked = 0
         self._spares: dict[int, list] = {}   # nbytes -> spare slots [[spare, arena, offset, nbytes]] to put into
         self._lent = 0             # put_into blocks open (their spares are out of _spares, being written)
@@ -159,7 +162,11 @@ class Client:
             except DaemonError:
                 pass
             raise e
-        return self._reply()
+        reply = self._reply()
+        if self._nowait_failed is not None:
+            e, self._nowait_failed = self._nowait_failed, None
+            raise e
+        return reply
 
     def _reply(self) -> dict:
         data, fds, _ = protocol.recv_reply(self.sock, self.busy_poll_s, self._buf)
@@ -168,7 +175,10 @@ class Client:
                 os.close(fd)
             raise DaemonError(errno.ECONNRESET, "kvtierd closed the connection")
         reply = protocol.unpack(data)
+        nowait = reply.get("nowait")
         try:
+            if nowait:   # puts sent without reply that the daemon did before this one: what they stored
+                self.stored_unacked += nowait[0]
             if not reply.get("ok"):
                 raise DaemonError(reply.get("errno") or errno.EIO, f"kvtierd: {reply.get('error')}")
             if "arenas" in reply:
@@ -188,6 +198,9 @@ class Client:
         finally:
             for fd in fds:
                 os.close(fd)   # a mapping keeps the memory; the descriptor is not needed after mmap
+        if nowait and nowait[1] and self._nowait_failed is None:
+            self._nowait_failed = DaemonError(nowait[1], f"kvtierd: {nowait[3]} put(s) sent with wait=False failed, "
+                                                         f"the first: {nowait[2]}")
         return reply
 
     def _collect_commits(self) -> None:
@@ -196,14 +209,20 @@ class Client:
         while self._unacked:
             self._unacked -= 1
             try:
-                self.stored_unacked += self._reply()["stored"]
+                stored = self._reply()["stored"]   # (read first: the reply may add the nowait puts' count)
+                self.stored_unacked += stored
             except DaemonError as e:
                 first = first or e
+        if first is None and self._nowait_failed is not None:
+            first, self._nowait_failed = self._nowait_failed, None
         if first is not None:
             raise first
 
     def flush(self) -> int:
         """Wait for the commits of puts made with wait=False; returns how many blocks they stored."""
+        if self._nowait:
+            self._nowait = 0
+            self._call("spare")   # its reply comes after every put sent before it, and says what they did
         self._collect_commits()
         n, self.stored_unacked = self.stored_unacked, 0
         return n
@@ -329,13 +348,18 @@ class Client:
 
         wait=False pipelines: the commit is sent but its reply is read by the next call (or flush()), so the
         daemon checksums this put while the engine prepares the next one; returns 0 then, errors surface at
-        the next call. The blocks are visible to the next request on this connection either way.
+        the next call. Small blocks then mostly go with no reply at all (the client holds spare slots for the
+        next PIPELINED_SPARES puts), and the call costs the copy and one send. The blocks are visible to the next
+        request on this connection either way, and to every client once the daemon has read the put.
 
         layout: how the blocks are laid out as KV (K then V, each [tokens, heads, head_dim]): a tuple
         (dtype, tokens, heads, head_dim) for every block, or "auto" (from each array's shape [2, tokens, heads,
         head_dim]). With it, an NVMe tier configured with a quantising codec (int8/int4, error_bound) may store
         the block quantised: a later get returns values within the bound, not the same bytes. Without it, or
         with lossless=True, blocks always come back byte-identical."""
+        if not wait and not durable and layout is None and len(blocks) == 1 and self._put_one_nowait(session,
+                                                                                                   blocks[0]):
+            return 0
         batch = self.put_batch_bytes
         items, views, nbytes, stored = [], [], 0, 0
         for h, btype, data in blocks:
@@ -351,6 +375,31 @@ class Client:
             views.append(mv)
             nbytes += mv.nbytes
         return stored + self._put(session, items, views, durable, wait) if items else stored
+
+    def _put_one_nowait(self, session, block) -> bool:
+        """put(wait=False) of one small block, the engine's common pipelined put, with less code on the way than
+        _put_begin: into a spare held, sent with no reply, when the spares of its size cover half the puts
+        PIPELINED_SPARES counts for it (or one, if a reply bringing more is on its way). False: none of that;
+        the general path then."""
+        h, btype, data = block
+        mv, meta = _meta(data)
+        n = mv.nbytes
+        held = self._spares.get(n)
+        if held is None or n >= STAGE_MIN_BYTES or \
+                len(held) <= (1 if self._unacked else max(2, min(PIPELINED_SPARES, STAGE_MIN_BYTES // max(1, n))) // 2):
+            return False
+        sp = held.pop()
+        try:
+            copy_block(self._view(sp[1], sp[2], sp[3]), mv)
+        except BaseException:
+            held.append(sp)
+            raise
+        if self._touches:
+            self._send_touches()
+        protocol.send(self.sock, {"op": "put", "nowait": True, "spared": True, "session": session, "durable": False,
+                                  "blocks": [[h, btype, n, meta, None, sp[:3]]]})
+        self._nowait += 1
+        return True
 
     def _put(self, session, items, views, durable, wait=True) -> int:
         state, dests = self._put_begin({"session": session, "blocks": items, "durable": durable}, items, wait)
@@ -396,21 +445,32 @@ class Client:
         stage."""
         if self.hello.get("spare_slots", False):
             pool = self._spares
-            need = Counter(it[2] for it in items)
+            if len(items) == 1:   # the common small put, without a Counter's cost
+                need = {items[0][2]: 1}
+            else:
+                need = Counter(it[2] for it in items)
             if self._unacked and not all(len(pool.get(n, ())) >= k for n, k in need.items()):
                 self._collect_commits()   # the spares of pipelined puts come with their replies
             spared = all(len(pool.get(n, ())) >= k for n, k in need.items())
             used = [pool[it[2]].pop() for it in items] if spared else []
-            # pipelined (wait=False): this reply is read after the next put is sent, so hold two sets of spares
-            want, drop = self._want(need, 1 if wait else 2)
-            fields = {**fields, "want": want}
+            total = sum(need_n * k for need_n, k in need.items())
+            staged = spared and stage and total >= STAGE_MIN_BYTES
+            # pipelined (wait=False): the reply is read later, so hold spares for the puts sent meanwhile. Small
+            # ones go without any reply (see _put_end) while the spares left cover half of those, or another put
+            # like this one if a reply bringing more is on its way; the others ask for more
+            per = 1 if wait else 2 if total >= STAGE_MIN_BYTES else max(2, min(PIPELINED_SPARES,
+                                                                               STAGE_MIN_BYTES // max(1, total)))
+            low = 1 if self._unacked else per // 2
+            nowait = spared and not wait and not staged and not fields.get("durable") and \
+                all(len(pool.get(n, ())) >= k * low for n, k in need.items())
+            want, drop = self._want(need, 0 if nowait else per)
+            fields = {**fields, "want": want} if not nowait else {**fields, "nowait": True}
             if drop:
                 fields["drop"] = [sp[0] for sp in drop]
             if spared:
                 fields["spared"] = True
                 for it, sp in zip(items, used):
                     it[:] = [it[0], it[1], it[2], it[3], it[4] if len(it) == 5 else None, sp[:3]]
-                staged = stage and sum(it[2] for it in items) >= STAGE_MIN_BYTES
                 if staged:
                     self._id += 1
                     protocol.send(self.sock, {**fields, "op": "put", "stage": True})
@@ -444,6 +504,12 @@ class Client:
         else:
             op, fields = "put", state[3]
         if not wait:
+            if fields.get("nowait"):   # no reply at all: the daemon says what it did in a later reply
+                if self._touches:
+                    self._send_touches()
+                protocol.send(self.sock, {**fields, "op": op})
+                self._nowait += 1
+                return 0
             self._send_nowait(op, **fields)
             return 0
         return self._call(op, **fields)["stored"]   # a refused put: the daemon frees the spares it named

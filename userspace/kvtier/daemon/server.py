@@ -149,7 +149,7 @@ def build_tiers(cfg) -> list:
 
 class Connection:
     __slots__ = ("sock", "uid", "gid", "pid", "tenant", "domain", "txns", "leases", "groups", "refused", "spares",
-                 "staged")
+                 "staged", "nowait")
 
     def __init__(self, sock, uid, gid, pid, groups):
         self.sock, self.uid, self.gid, self.pid, self.groups = sock, uid, gid, pid, groups
@@ -159,6 +159,7 @@ class Connection:
         self.leases: set[int] = set()
         self.spares: dict[int, tuple] = {}   # spare slots this client may fill (engine.spare_reserve)
         self.staged = None   # a staged put waiting for its commit: (txn, spares to free at commit, reply | error)
+        self.nowait = None   # what puts sent without reply stored and their first failure (Server._put_nowait)
 
 
 class Server:
@@ -571,6 +572,8 @@ class Server:
             self.metrics.observe(op, time.perf_counter() - t0)
         if rid is not None or not reply["ok"]:   # else fire-and-forget (release): no reply
             reply["id"] = rid if isinstance(rid, int) else 0
+            if conn.nowait is not None:
+                reply["nowait"], conn.nowait = conn.nowait, None
             self._reply(conn, reply, fds)
         self.engine.run_deferred()   # the policy's part of a put or hit, off the client's wait
 
@@ -776,7 +779,39 @@ class Server:
         reply["txn"] = 0
         return reply
 
+    def _put_nowait(self, conn, msg) -> None:
+        """A pipelined put into spares the client holds, sent without id: nothing answers it, so nothing here may
+        fail. What it stored and the first failure since the last reply go out with the connection's next reply
+        ("nowait": [stored, errno, error, failed puts]); the client reports them at its next call."""
+        stored, failure = 0, None
+        try:
+            tenant, blocks = self._tenant(conn), self._list(msg, "blocks")
+            self._spares(conn, {"drop": msg.get("drop")}, {})
+            try:
+                stored = self.engine.put_spare(tenant, self._int(msg, "session", True), blocks,
+                                               bool(msg.get("durable", False)), conn.spares)
+            except BaseException:
+                self._free_spares(conn, self._named_spares(blocks))   # as a refused put with a reply
+                raise
+        except OSError as e:
+            failure = (e.errno or errno.EIO, e.strerror or str(e))
+        except (ValueError, TypeError, KeyError, OverflowError, IndexError) as e:
+            failure = (errno.EINVAL, f"malformed request: {e}")
+        except Exception as e:
+            log.exception("put without reply failed")
+            failure = (errno.EIO, f"internal error: {e}")
+        nw = conn.nowait or [0, 0, "", 0]
+        nw[0] += stored
+        if failure is not None:
+            if not nw[1]:
+                nw[1], nw[2] = failure
+            nw[3] += 1
+        conn.nowait = nw
+
     def op_put(self, conn, msg):
+        if msg.get("nowait") and msg.get("spared") and "id" not in msg:
+            self._put_nowait(conn, msg)
+            return {}, []
         if msg.get("stage") and msg.get("spared"):
             try:
                 tenant, blocks = self._tenant(conn), self._list(msg, "blocks")

@@ -149,7 +149,8 @@ def test_fifo_and_default_touch_change_nothing():
 class FakeProbes:
     """Stands in for kvtier.probes.Probes at the hardware boundary: heat entries handed in by the test."""
 
-    def __init__(self):
+    def __init__(self, max_ranges=16):
+        self.max_ranges = max_ranges
         self.constants = probes.header_constants(REPO / "bpf" / "kvheat.h")
         self.entries = []
         self.attached, self.missing, self.with_kvtier = ["kvtier:kvtier_fault"], [], True
@@ -167,6 +168,8 @@ class FakeProbes:
         return {7: {"faults": 10, "writes": 0, "hint_faults": 0, "first_ns": 0, "last_ns": 0}}
 
     def add_range(self, tgid, start, length, block_bytes, range_id=None):
+        if len(self.ranges) >= self.max_ranges:   # as Probes.add_range: the BPF map's slots are all taken
+            raise OSError(errno.ENOSPC, f"all {self.max_ranges} range slots are in use")
         self.ranges[range_id] = (tgid, start, length, block_bytes)
         return range_id
 
@@ -267,6 +270,29 @@ def test_a_process_holds_at_most_max_ranges_per_process():
     assert h.register_range(4343, 0x1000, PAGE, PAGE, [])   # another process has its own
     assert h.unregister_range(rids[0])
     assert h.register_range(4242, 0x1000, PAGE, PAGE, [])   # one unregistered frees a place
+
+
+def test_probe_slots_are_shared_fairly_between_processes():
+    # one engine that registers ranges in a loop must not leave another's uncounted
+    eng, _ = fake_engine()
+    fake = FakeProbes(max_ranges=4)
+    h = Heat(eng, ProbesConfig(), loader=lambda: fake, device=FakeDevice())
+    greedy = [h.register_range(100, 0x7F0000000000 + i * PAGE, PAGE, PAGE, []) for i in range(3)]   # before loading
+    h.start(background=False)
+    greedy += [h.register_range(100, 0x7F0000100000 + i * PAGE, PAGE, PAGE, []) for i in range(3)]
+    assert [h.ranges[g["range"]]["attached"] for g in greedy] == [True] * 4 + [False] * 2   # the slots are full
+    owners = lambda: sorted(t[0] for t in fake.ranges.values())   # noqa: E731
+    assert owners() == [100] * 4 and h.status()["ranges_counted"] == 4 and h.status()["ranges"] == 6
+    a = h.register_range(200, 0x1000, PAGE, PAGE, [])
+    b = h.register_range(300, 0x1000, PAGE, PAGE, [])
+    assert a["counted"] and b["counted"] and owners() == [100, 100, 200, 300]   # each took one of 100's
+    assert not h.register_range(200, 0x2000, PAGE, PAGE, [])["counted"]   # 2 against 200's 1: no more to take
+    assert h.unregister_range(a["range"])   # its slot goes to the waiting range of the process with fewest (200)
+    assert owners() == [100, 100, 200, 300]
+    assert h.unregister_range(b["range"])   # only 100 has ranges waiting now: its oldest is counted again
+    assert owners() == [100, 100, 100, 200] and fake.ranges.keys() >= {greedy[2]["range"]}
+    from kvtier.cli.status import probes_line
+    assert "3 registered ranges wait for a probe slot" in probes_line(h.status())
 
 
 def test_sampler_without_probes_says_why():

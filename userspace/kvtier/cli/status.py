@@ -113,7 +113,9 @@ def render(st: dict) -> str:
 def probes_line(p: dict) -> str:
     """eBPF probes: on (with the heat they saw), or why the daemon runs on API signals alone."""
     if p.get("loaded"):
+        waiting = p.get("ranges", 0) - p.get("ranges_counted", p.get("ranges", 0))
         return (f"on ({p.get('touches', 0)} direct touches over {p.get('samples', 0)} samples"
+                + (f"; {waiting} registered ranges wait for a probe slot" if waiting > 0 else "")
                 + (f"; {p['note']}" if p.get("note") else "") + ")")
     return f"{p.get('state', 'off')} ({p.get('note') or 'not loaded'}; API signals only)"
 

@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from kvtier.errors import InputError
@@ -139,8 +140,7 @@ class Heat:
             self.probes = p
             self.state = "on"
             self.note = "" if p.with_kvtier else "kvtier.ko not loaded: generic probes only"
-            for r in self.ranges.values():
-                self._attach_range(r)
+            self._attach_waiting()
         log.info("eBPF probes loaded: %s%s", ", ".join(p.attached),
                  f" (missing: {', '.join(p.missing)})" if p.missing else "")
 
@@ -314,18 +314,61 @@ class Heat:
                 self._attach_range(r)
         return {"range": rid, "probes": self.state, "counted": r["attached"]}
 
+    # The probes count faults in a few range slots (probes.max_ranges, 16). They are shared between processes
+    # max-min fair: a process with fewer counted ranges takes a slot from the one with the most (its newest
+    # range waits, not counted), and a slot freed goes to a waiting range of the process with the fewest. So one
+    # engine registering ranges in a loop cannot leave another's uncounted.
+    def _counted(self) -> Counter:
+        return Counter(r["pid"] for r in self.ranges.values() if r["attached"])
+
     def _attach_range(self, r: dict) -> None:
-        try:
-            self.probes.add_range(r["pid"], r["address"], r["length"], r["block_bytes"], range_id=r["range"])
-            r["attached"] = True
-        except (OSError, ValueError) as e:
-            log.warning("range %d of pid %d not counted: %s", r["range"], r["pid"], e)
+        for _ in range(2):
+            try:
+                self.probes.add_range(r["pid"], r["address"], r["length"], r["block_bytes"], range_id=r["range"])
+                r["attached"] = True
+                return
+            except OSError as e:
+                if e.errno != errno.ENOSPC or not self._take_slot_for(r["pid"]):
+                    log.info("range %d of pid %d not counted for now: %s", r["range"], r["pid"], e)
+                    return
+            except ValueError as e:
+                log.warning("range %d of pid %d not counted: %s", r["range"], r["pid"], e)
+                return
+
+    def _take_slot_for(self, pid: int) -> bool:
+        """Free a slot for pid from the process with the most counted ranges, if it has two more than pid."""
+        counted = self._counted()
+        if not counted:
+            return False
+        rich, n = counted.most_common(1)[0]
+        if n < counted.get(pid, 0) + 2:
+            return False
+        victim = max(rid for rid, r in self.ranges.items() if r["pid"] == rich and r["attached"])
+        self.probes.remove_range(victim)
+        self.ranges[victim]["attached"] = False
+        log.info("range %d of pid %d not counted for now: its slot went to pid %d (fair share)", victim, rich, pid)
+        return True
+
+    def _attach_waiting(self) -> None:
+        """Give free slots to waiting ranges, the process with the fewest counted first (then the oldest range)."""
+        while True:
+            counted = self._counted()
+            if sum(counted.values()) >= getattr(self.probes, "max_ranges", 1 << 30):
+                return
+            waiting = [r for r in self.ranges.values() if not r["attached"]]
+            if not waiting:
+                return
+            r = min(waiting, key=lambda r: (counted.get(r["pid"], 0), r["range"]))
+            self._attach_range(r)
+            if not r["attached"]:
+                return
 
     def unregister_range(self, rid: int) -> bool:
         with self._lock:
             r = self.ranges.pop(rid, None)
             if r is not None and r["attached"] and self.probes is not None:
                 self.probes.remove_range(rid)
+                self._attach_waiting()
         return r is not None
 
     def _range_key(self, rid: int, block: int):
@@ -336,11 +379,15 @@ class Heat:
 
     def _prune_ranges(self) -> None:
         """Ranges of processes that exited go (their addresses mean nothing any more)."""
+        freed = False
         for rid, r in list(self.ranges.items()):
             if not os.path.exists(f"/proc/{r['pid']}"):
                 self.ranges.pop(rid)
                 if r["attached"] and self.probes is not None:
                     self.probes.remove_range(rid)
+                    freed = True
+        if freed:
+            self._attach_waiting()
 
     # -- what kvctl shows --------------------------------------------------------------------------
     def block_info(self, key: bytes, now: float | None = None) -> dict | None:
@@ -355,7 +402,8 @@ class Heat:
                 "missing": list(p.missing) if p is not None else [],
                 "interval_ms": self.cfg.interval_ms, "half_life_ms": self.cfg.half_life_ms,
                 "sampling": self.cfg.sample, "samples": self.samples, "touches": self.touches,
-                "unmapped_touches": self.unmapped, "hot_blocks": len(self.tracker), "ranges": len(self.ranges)}
+                "unmapped_touches": self.unmapped, "hot_blocks": len(self.tracker), "ranges": len(self.ranges),
+                "ranges_counted": sum(1 for r in self.ranges.values() if r["attached"])}
 
     def top(self, limit: int = 10, scope: str | None = None, now: float | None = None) -> dict:
         """Hottest blocks and sessions (by heat; by API hits when the probes are off), migration rates and

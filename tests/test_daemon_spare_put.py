@@ -6,16 +6,16 @@ import errno
 import numpy as np
 import pytest
 
-from daemon_proc import running_daemon, short_dir, write_config
+from daemon_proc import BACKENDS, backend_config, running_daemon, short_dir
 from kvtier.client import Client, DaemonError
 
 BLOCK = 16 << 10
 
 
-@pytest.fixture(scope="module")
-def daemon():
+@pytest.fixture(scope="module", params=BACKENDS)
+def daemon(request):
     d_dir = short_dir()
-    with running_daemon(d_dir, write_config(d_dir)) as d:
+    with running_daemon(d_dir, backend_config(request, d_dir)) as d:
         yield d
 
 

@@ -248,8 +248,11 @@ def test_prefix_put_on_one_host_is_served_on_another(cluster):
         for (h, _, data), g in zip(prefix, got[:6]):
             assert g is not None and bytes(g) == data, hex(h)
         assert got[6] is None
+        asked, call = [], kv._call
+        kv._call = lambda op, **kw: (asked.append(op), call(op, **kw))[1]
         again = kv.get(sid, [h for h, _, _ in prefix])          # now a local block of h2
         assert kv.last_served == ["dram0"] * 6
+        assert "get" not in asked, asked   # read through h2's block directory: the cluster tier does not turn it off
         assert all(bytes(g) == d for g, (_, _, d) in zip(again, prefix))
     st2 = cluster.status(h2)
     assert st2["counters"]["fetches"] == 6 and st2["counters"]["fetch_bytes"] == 6 * BLOCK

@@ -238,8 +238,9 @@ class Engine:
                 held = {d for m in range(self.mem_count) for d in self.tiers[m].domains}
                 self.domain_tenants = {d: ts for d, ts in self.domain_tenants.items() if d in held}
         self.domain_tenants.setdefault(domain, set()).add(tenant)
-        # (none with a cluster tier: its fetch and publish hooks sit on the get path)
-        if self.directory_on and self.cluster is None and domain not in self.dirs:
+        # (with a cluster tier too: a block read through the directory is a local first-tier hit, which the
+        # cluster has no part in; a miss still asks the daemon, which fetches from the cluster)
+        if self.directory_on and domain not in self.dirs:
             self.dirs[domain] = directory.Directory(directory.buckets_for(self._capacity_blocks(0)))
         return domain
 
@@ -1649,7 +1650,7 @@ class Engine:
                 "hit_rate": hits / gets if gets else 0.0,
                 "hit_rate_by_tier": {self.tiers[t].name: (h / gets if gets else 0.0)
                                      for t, h in enumerate(self.hits_by_tier)},
-                "directory": {"on": self.directory_on and self.cluster is None, "domains": len(self.dirs),
+                "directory": {"on": self.directory_on, "domains": len(self.dirs),
                               "listed": sum(d.listed() for d in self.dirs.values()),
                               "bucket_full": sum(d.bucket_full for d in self.dirs.values()),
                               "touched": self.counters["touched"]},

@@ -68,28 +68,38 @@ def test_every_op_with_fuzzed_fields():
         s.send(msgpack.packb({"op": "hello", "id": 1, "tenant": "fuzz"}))
         hello = msgpack.unpackb(s.recv(1 << 20), strict_map_key=False)
         assert hello["ok"], hello
-        replies = {"ok": 0, "error": 0}
+        replies = {"ok": 0, "error": 0, "stray": 0, "nowait_failed": 0}
         for i in range(MESSAGES):
             msg = {"op": str(rng.choice(OPS)), "id": i + 2}
             for f in rng.choice(FIELDS, size=int(rng.integers(0, 5)), replace=False):
                 msg[str(f)] = value(rng)
             if msg["op"] == "hello":
                 continue   # a second hello re-binds the connection's tenant: tested in test_daemon_tenants
+            if i % 10 == 0:   # a put sent without id (put(wait=False) of small blocks): it must get no reply at all
+                del msg["id"]
+                msg.update(op="put", nowait=True, spared=True)
+                s.send(msgpack.packb(msg))
+                continue
             s.send(msgpack.packb(msg))
             while True:
                 data, fds, _, _ = socket.recv_fds(s, 1 << 20, 16)
                 for fd in fds:
                     __import__("os").close(fd)
                 reply = msgpack.unpackb(data, strict_map_key=False)
+                nowait = reply.get("nowait")
+                if nowait and nowait[1]:   # what the puts without id did, on the next reply: never an internal error
+                    replies["nowait_failed"] += nowait[3]
+                    assert nowait[1] != errno.EIO, (nowait, reply)
                 if reply.get("id") == i + 2:
                     break
+                replies["stray"] += 1
             if reply["ok"]:
                 replies["ok"] += 1
             else:
                 replies["error"] += 1
                 assert reply["errno"] > 0 and reply["errno"] != errno.EIO, (msg, reply)
         s.close()
-        assert replies["error"] > 1000, replies
+        assert replies["error"] > 1000 and replies["nowait_failed"] > 100 and replies["stray"] == 0, replies
         log = d.log.read_text()
         assert "Traceback" not in log and "failed" not in log, log[-3000:]
         with Client(d.socket, "keeper") as kv:   # nothing lost

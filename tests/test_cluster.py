@@ -364,15 +364,15 @@ def test_evicted_reused_blocks_are_published_and_deletes_leave_the_cluster(clust
         got = kv.get(None, [0x8000])[0]
         assert got is not None and bytes(got) == block_bytes(800, BLOCK), cluster.status(h2)
         assert kv.last_served == ["cluster0"]
-    with Client(h1.socket, tenant="acme") as kv:
+    with Client(h1.socket, tenant="acme") as kv, Client(h2.socket, tenant="acme") as other:
         kv.put(None, [(0x8100, "prefix", block_bytes(900, BLOCK))])
         assert wait_for(lambda: published(cluster, h1, cluster.status(h1)["counters"]["publishes"]), 5)
         assert wait_for(lambda: kv.contains([0x8100]) == ["dram0"], 5)
-        assert kv.delete([0x8100]) == 1   # (refused while a read lease is held: retried past its 200 ms TTL)
-    with Client(h2.socket, tenant="acme") as kv:
-        # the remove is retried with backoff while Mooncake refuses it for a read lease (REMOVE_RETRIES, ~23 s in
-        # all): a loaded machine can take past the first few seconds (it did, once, in a full local run)
-        assert wait_for(lambda: kv.contains([0x8100]) == [None], 25), cluster.status(h1)
+        # h2 asks first: Mooncake's existence check grants a read lease, and asking every 50 ms (its TTL here is
+        # 200 ms) renews it for ever; the remove, refused for it, is forced after a few tries (REMOVE_FORCE_AFTER)
+        assert other.contains([0x8100]) == ["cluster0"]
+        assert kv.delete([0x8100]) == 1
+        assert wait_for(lambda: other.contains([0x8100]) == [None], 5), cluster.status(h1)
 
 
 def test_unreachable_host_link_is_a_bounded_miss(cluster):
@@ -520,30 +520,36 @@ def test_fetch_versus_recompute_uses_the_measured_tier():
     t.close()
 
 
-def test_a_remove_refused_for_a_read_lease_is_retried_with_backoff():
-    """Mooncake refuses a remove while a reader holds a lease (-706): the tier tries again, sooner than the
-    master's default 10 s TTL and more than once, and stops when it is gone."""
-    from kvtier.store.cluster import ClusterConfig, ClusterTier
+def test_a_remove_refused_for_a_read_lease_is_retried_with_backoff_then_forced():
+    """Mooncake refuses a remove while a reader holds a lease (-706): the tier tries again with backoff, and
+    stops when it is gone; a lease renewed all along (a host that keeps asking) is overridden by a forced remove."""
+    from kvtier.store.cluster import REMOVE_FORCE_AFTER, ClusterConfig, ClusterTier
 
     class Store:
         def __init__(self, refusals):
             self.refusals, self.calls = refusals, []
 
-        def remove(self, okey):
-            self.calls.append(time.monotonic())
-            return -706 if len(self.calls) <= self.refusals else 0
+        def remove(self, okey, force=False):
+            self.calls.append((time.monotonic(), force))
+            return 0 if force or len(self.calls) > self.refusals else -706
 
     t = ClusterTier(ClusterConfig(master="127.0.0.1:1", metadata_server="http://127.0.0.1:2/metadata"))
     try:
-        t._store = store = Store(refusals=3)
+        t._store = store = Store(refusals=2)   # the lease ends while the tier backs off
         t0 = time.monotonic()
         t.remove(b"\x01" * 16)
-        assert wait_for(lambda: len(store.calls) == 4, 5), store.calls
+        assert wait_for(lambda: len(store.calls) == 3, 5), store.calls
         time.sleep(0.5)
-        assert len(store.calls) == 4                           # removed: no further tries
-        gaps = [b - a for a, b in zip([t0] + store.calls, store.calls)]
-        assert all(g2 > g1 for g1, g2 in zip(gaps[1:], gaps[2:])), gaps   # backing off
-        assert store.calls[-1] - t0 < 2.0, gaps
+        assert [f for _, f in store.calls] == [False] * 3      # removed without force: no further tries
+        gaps = [b - a for a, b in zip([t0] + [c for c, _ in store.calls], [c for c, _ in store.calls])]
+        assert gaps[2] > gaps[1], gaps   # backing off
+        t._store = store = Store(refusals=1 << 30)   # a lease renewed for ever
+        t0 = time.monotonic()
+        t.remove(b"\x02" * 16)
+        assert wait_for(lambda: store.calls and store.calls[-1][1], 5), store.calls
+        time.sleep(0.5)
+        assert [f for _, f in store.calls] == [False] * REMOVE_FORCE_AFTER + [True], store.calls
+        assert store.calls[-1][0] - t0 < 2.0
         assert t.stats()["remove_failures"] == 0
     finally:
         t._store = None

@@ -52,7 +52,7 @@ PUBLISHED_KEPT = 65536        # keys this host published, remembered to skip rep
 # A remove refused for a read lease (-706) is tried again after 0.1, 0.2, 0.4 s, then forced. An existence check
 # grants a lease too, so a host that keeps asking for a hot block (every 50 ms, with the master's TTL 200 ms, in a
 # test) renews it for ever, and a tenant's delete never left the cluster. By then a real transfer is long over;
-# one racing a forced remove reads bytes that fail the payload checksum every fetch verifies: a miss, never served.
+# one racing a forced remove reads the block, or bytes that fail the payload checksum every fetch verifies (a miss).
 REMOVE_BACKOFF_S, REMOVE_FORCE_AFTER = 0.1, 3
 EWMA = 0.2
 # Mooncake's ErrorCode values seen on the Python API (mooncake-store/include/types.h)

@@ -61,6 +61,12 @@ def copy_block(dst: memoryview, src: memoryview) -> None:
     _lib.kvt_copy_nt(_ffi.from_buffer(dst, require_writable=True), _ffi.from_buffer(src), n)
 
 
+def _pipelined(nbytes: int) -> int:
+    """How many puts of nbytes a pipelined put holds spares for: PIPELINED_SPARES small ones, up to 1 MiB of them;
+    two of a staged (big) one."""
+    return 2 if nbytes >= STAGE_MIN_BYTES else max(2, min(PIPELINED_SPARES, STAGE_MIN_BYTES // max(1, nbytes)))
+
+
 def _meta(data) -> tuple[memoryview, object]:
     if isinstance(data, np.ndarray):
         a = np.ascontiguousarray(data)
@@ -385,8 +391,7 @@ class Client:
         mv, meta = _meta(data)
         n = mv.nbytes
         held = self._spares.get(n)
-        if held is None or n >= STAGE_MIN_BYTES or \
-                len(held) <= (1 if self._unacked else max(2, min(PIPELINED_SPARES, STAGE_MIN_BYTES // max(1, n))) // 2):
+        if held is None or n >= STAGE_MIN_BYTES or len(held) <= (1 if self._unacked else _pipelined(n) // 2):
             return False
         sp = held.pop()
         try:
@@ -458,8 +463,7 @@ class Client:
             # pipelined (wait=False): the reply is read later, so hold spares for the puts sent meanwhile. Small
             # ones go without any reply (see _put_end) while the spares left cover half of those, or another put
             # like this one if a reply bringing more is on its way; the others ask for more
-            per = 1 if wait else 2 if total >= STAGE_MIN_BYTES else max(2, min(PIPELINED_SPARES,
-                                                                               STAGE_MIN_BYTES // max(1, total)))
+            per = 1 if wait else _pipelined(total)
             low = 1 if self._unacked else per // 2
             nowait = spared and not wait and not staged and not fields.get("durable") and \
                 all(len(pool.get(n, ())) >= k * low for n, k in need.items())

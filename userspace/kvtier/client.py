@@ -399,11 +399,8 @@ class Client:
         except BaseException:
             held.append(sp)
             raise
-        if self._touches:
-            self._send_touches()
-        protocol.send(self.sock, {"op": "put", "nowait": True, "spared": True, "session": session, "durable": False,
-                                  "blocks": [[h, btype, n, meta, None, sp[:3]]]})
-        self._nowait += 1
+        self._send_noreply("put", nowait=True, spared=True, session=session, durable=False,
+                           blocks=[[h, btype, n, meta, None, sp[:3]]])
         return True
 
     def _put(self, session, items, views, durable, wait=True) -> int:
@@ -424,6 +421,13 @@ class Client:
         self._id += 1
         protocol.send(self.sock, {**fields, "op": op, "id": self._id})
         self._unacked += 1
+
+    def _send_noreply(self, op: str, **fields) -> None:
+        """Send a put the daemon does not answer at all (nowait): what it did comes with a later reply."""
+        if self._touches:
+            self._send_touches()
+        protocol.send(self.sock, {**fields, "op": op})
+        self._nowait += 1
 
     def _want(self, need: Counter, per_block: int = 1) -> tuple[list, list]:
         """Spare sizes to ask for (per_block per block of this put, less what is still held) and spares to give
@@ -508,11 +512,8 @@ class Client:
         else:
             op, fields = "put", state[3]
         if not wait:
-            if fields.get("nowait"):   # no reply at all: the daemon says what it did in a later reply
-                if self._touches:
-                    self._send_touches()
-                protocol.send(self.sock, {**fields, "op": op})
-                self._nowait += 1
+            if fields.get("nowait"):
+                self._send_noreply(op, **fields)
                 return 0
             self._send_nowait(op, **fields)
             return 0

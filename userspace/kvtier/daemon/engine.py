@@ -1378,12 +1378,7 @@ class Engine:
                     slots.append(None)
                     served.append(None)
                     continue
-            self.hits_by_tier[src] += 1
-            b.hits += 1
-            if self.metrics is not None:
-                self.metrics.hit(self.tiers[src].name)
-            if s is not None:
-                self._attach(s, b)
+            self._count_hit(b, src, s)
             # Leased before its policy sees the hit: a policy that declines a just-promoted block cannot push it
             # back below memory before the client has read it (it is re-offered on release).
             b.leases += 1
@@ -1414,6 +1409,15 @@ class Engine:
         else:
             self.policies[0].request_done(req)
         return lease, slots, served
+
+    def _count_hit(self, b: Block, src: int, s: Session | None) -> None:
+        """A hit of b served by tier src: counted for the tier and the block, and b is now one of s's blocks."""
+        self.hits_by_tier[src] += 1
+        b.hits += 1
+        if self.metrics is not None:
+            self.metrics.hit(self.tiers[src].name)
+        if s is not None:
+            self._attach(s, b)
 
     def _account_hit(self, b: Block, src: int, req, pos: int) -> None:
         if src == 0 and self.policies[0].contains(b.bid):
@@ -1449,12 +1453,7 @@ class Engine:
                 continue
             self.counters["gets"] += 1
             self.counters["touched"] += 1
-            self.hits_by_tier[0] += 1
-            b.hits += 1
-            if self.metrics is not None:
-                self.metrics.hit(self.tiers[0].name)
-            if s is not None:
-                self._attach(s, b)
+            self._count_hit(b, 0, s)
             if not b.pins:
                 hits.append((b, len(served)))
             served.append(b)

@@ -353,7 +353,7 @@ class Heat:
         """Give free slots to waiting ranges, the process with the fewest counted first (then the oldest range)."""
         while True:
             counted = self._counted()
-            if sum(counted.values()) >= getattr(self.probes, "max_ranges", 1 << 30):
+            if sum(counted.values()) >= self.probes.max_ranges:
                 return
             waiting = [r for r in self.ranges.values() if not r["attached"]]
             if not waiting:
@@ -403,7 +403,7 @@ class Heat:
                 "interval_ms": self.cfg.interval_ms, "half_life_ms": self.cfg.half_life_ms,
                 "sampling": self.cfg.sample, "samples": self.samples, "touches": self.touches,
                 "unmapped_touches": self.unmapped, "hot_blocks": len(self.tracker), "ranges": len(self.ranges),
-                "ranges_counted": sum(1 for r in self.ranges.values() if r["attached"])}
+                "ranges_counted": sum(self._counted().values())}
 
     def top(self, limit: int = 10, scope: str | None = None, now: float | None = None) -> dict:
         """Hottest blocks and sessions (by heat; by API hits when the probes are off), migration rates and

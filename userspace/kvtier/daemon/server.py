@@ -779,20 +779,24 @@ class Server:
         reply["txn"] = 0
         return reply
 
+    def _put_spared(self, conn, tenant, blocks, msg) -> int:
+        """Commit a put's blocks from the spares it names (after taking its "drop"); how many were new. A refused
+        put gives back the spares it named (the client forgets them): none leaks."""
+        self._spares(conn, {"drop": msg.get("drop")}, {})
+        try:
+            return self.engine.put_spare(tenant, self._int(msg, "session", True), blocks,
+                                         bool(msg.get("durable", False)), conn.spares)
+        except BaseException:
+            self._free_spares(conn, self._named_spares(blocks))
+            raise
+
     def _put_nowait(self, conn, msg) -> None:
         """A pipelined put into spares the client holds, sent without id: nothing answers it, so nothing here may
         fail. What it stored and the first failure since the last reply go out with the connection's next reply
         ("nowait": [stored, errno, error, failed puts]); the client reports them at its next call."""
         stored, failure = 0, None
         try:
-            tenant, blocks = self._tenant(conn), self._list(msg, "blocks")
-            self._spares(conn, {"drop": msg.get("drop")}, {})
-            try:
-                stored = self.engine.put_spare(tenant, self._int(msg, "session", True), blocks,
-                                               bool(msg.get("durable", False)), conn.spares)
-            except BaseException:
-                self._free_spares(conn, self._named_spares(blocks))   # as a refused put with a reply
-                raise
+            stored = self._put_spared(conn, self._tenant(conn), self._list(msg, "blocks"), msg)
         except OSError as e:
             failure = (e.errno or errno.EIO, e.strerror or str(e))
         except (ValueError, TypeError, KeyError, OverflowError, IndexError) as e:
@@ -824,14 +828,7 @@ class Server:
         blocks = self._list(msg, "blocks")
         if msg.get("spared"):
             # one round trip: the blocks are already in this connection's spare slots
-            self._spares(conn, {"drop": msg.get("drop")}, {})
-            try:
-                reply = {"txn": 0, "stored": self.engine.put_spare(tenant, self._int(msg, "session", True), blocks,
-                                                                   bool(msg.get("durable", False)), conn.spares)}
-            except BaseException:
-                # a refused put gives back the spares it named (the client forgets them): none leaks
-                self._free_spares(conn, self._named_spares(blocks))
-                raise
+            reply = {"txn": 0, "stored": self._put_spared(conn, tenant, blocks, msg)}
             self._spares(conn, {"want": msg.get("want")}, reply)
             return reply, []
         txn, slots = self.engine.put_reserve(tenant, self._int(msg, "session", True), blocks,

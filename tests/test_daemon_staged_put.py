@@ -180,10 +180,11 @@ def test_copy_block_matches_a_plain_copy(nbytes, dst_shift):
 
 
 def test_big_blocks_round_trip(daemon):
-    """Blocks above the non-temporal threshold, odd sizes, through staged puts (waiting and pipelined) and gets
+    """Blocks above the non-temporal thresholds, odd sizes, through staged puts (waiting and pipelined) and gets
     into new arrays and into the caller's buffers."""
     rng = np.random.default_rng(11)
-    sizes = [client_mod.NT_COPY_MIN_BYTES + 13, 2 * client_mod.NT_COPY_MIN_BYTES - 1]
+    sizes = [client_mod.NT_COPY_MIN_BYTES + 13, 2 * client_mod.NT_COPY_MIN_BYTES - 1,
+             client_mod.NT_GET_MIN_BYTES + 5]   # (gets go non-temporal from their own threshold)
     blocks = [rng.integers(0, 255, n, dtype=np.uint8) for n in sizes]
     with Client(daemon.socket, "stage-big") as kv:
         for rnd in range(3):   # the first put reserves and commits; later ones go through spares, staged

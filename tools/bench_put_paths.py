@@ -6,11 +6,12 @@ Usage: .venv/bin/python tools/bench_put_paths.py [--policy NAME] [--rounds N] [-
 Modes, interleaved round by round on one daemon so that noise hits them alike: `plain` (one spared put after
 the copy, memcpy copies), `staged` (the put sent before the copy, committed after it: client.STAGE_MIN_BYTES),
 `staged+nt` (staged, and copies of client.NT_COPY_MIN_BYTES and more with non-temporal stores: the default).
-Gets: plain copies against non-temporal ones. The zero-copy paths: `put into` (Client.put_into, the caller's copy
-into the daemon's slot included) and `get in place` (Client.get_views: no copy at all, the caller reads the daemon's
-memory; its ratio, memcpy time / its time, is how many times over the copy it saves outweighs its round trip). Each
-cell is the median over rounds of the best of several ops; ratios are memcpy time / op time (1.0: as fast as a
-copy into one cache-hot buffer).
+Gets: plain copies against non-temporal ones from NT_COPY_MIN_BYTES (the client's own gets go non-temporal from
+client.NT_GET_MIN_BYTES, half the last-level cache). The zero-copy paths: `put into` (Client.put_into, the caller's
+copy into the daemon's slot included) and `get in place` (Client.get_views: no copy at all, the caller reads the
+daemon's memory; its ratio, memcpy time / its time, is how many times over the copy it saves outweighs its round
+trip). Each cell is the median over rounds of the best of several ops; ratios are memcpy time / op time (1.0: as
+fast as a copy into one cache-hot buffer).
 """
 import argparse
 import json
@@ -58,6 +59,7 @@ def main() -> None:
                     for _ in range(args.rounds):
                         for mode, (stage, nt) in MODES.items():
                             client_mod.STAGE_MIN_BYTES, client_mod.NT_COPY_MIN_BYTES = stage, nt
+                            client_mod.NT_GET_MIN_BYTES = nt
                             ts = []
                             for _ in range(reps):   # each put a new key, deleted outside the timing
                                 key += 1

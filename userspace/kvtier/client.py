@@ -39,21 +39,54 @@ LOOKUP_BATCH = 4096   # hashes per message: well under protocol.MAX_MESSAGE_BYTE
 PUT_BATCH = 2048      # blocks per put message
 STAGE_MIN_BYTES = 1 << 20   # puts this big are staged: sent before the copy, committed after it (~12 µs less)
 PIPELINED_SPARES = 64   # sets of spares held for small pipelined puts: most then go without a reply
-NT_COPY_MIN_BYTES = 8 << 20   # blocks this big are copied with non-temporal stores (copy_block)
 TOUCHES_HELD = 1 << 16   # hashes read, kept while the daemon's socket is full (the oldest are dropped beyond)
+
+
+def _last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest CPU cache of cpu0 (sysfs), or default where sysfs does not say."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return default
+    for idx in names:
+        try:
+            with open(f"{base}/{idx}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+        digits = text[:-1] if unit != 1 else text
+        if digits.isdigit():
+            best = max(best, int(digits) * unit)
+    return best or default
+
+
+# Copies of this many bytes or more use non-temporal stores (copy_block). A put's: its destination, a slot of the
+# daemon's arena, is not read again soon and mostly not in cache. Measured here (32 MiB L3, 2026-11-24, one daemon,
+# 3 rounds each way interleaved) at 8 MiB: a stream of pipelined puts 1.11-1.18 of a memcpy into as many
+# destinations, against 0.90-0.93 with plain copies (a single put whose slot was just freed, so in cache, does
+# better plain: 0.62-0.73 of a cache-hot memcpy against 0.57-0.59).
+NT_COPY_MIN_BYTES = 8 << 20
+# A get's: from where source and destination together outgrow the last-level cache. Below that the caller's
+# buffer is often in cache (an engine reuses its own), and its next reader finds the block there. Measured as
+# above: get/memcpy at 8 MiB 0.91-0.95 plain against 0.62-0.68 non-temporal; at 16 MiB 0.97-1.01 non-temporal
+# against 0.89-0.92 plain (tools/bench_put_paths.py, median of 5 and 7 rounds).
+NT_GET_MIN_BYTES = max(NT_COPY_MIN_BYTES, _last_level_cache_bytes() // 2)
 
 
 class DaemonError(OSError):
     """kvtierd refused or failed a request (errno tells which)."""
 
 
-def copy_block(dst: memoryview, src: memoryview) -> None:
-    """dst[:] = src, with non-temporal stores from NT_COPY_MIN_BYTES up (kvt_copy_nt). Measured here (2026-11-22)
-    into destinations not in cache: 8 MiB at ~40 GB/s against ~27 for memcpy, 64 MiB at ~25 against ~18. Through
-    the API, where a put often reuses the slot just freed: equal at 8 MiB, 1.3-1.6x faster at 16-64 MiB, and
-    slower at 4 MiB, whose destination tends to be cached; hence the threshold."""
+def copy_block(dst: memoryview, src: memoryview, get: bool = False) -> None:
+    """dst[:] = src, with non-temporal stores from NT_COPY_MIN_BYTES up (NT_GET_MIN_BYTES for a get: kvt_copy_nt).
+    Measured here (2026-11-22) into destinations not in cache: 8 MiB at ~40 GB/s against ~27 for memcpy, 64 MiB at
+    ~25 against ~18. Through the API, where a put often reuses the slot just freed: equal at 8 MiB, 1.3-1.6x
+    faster at 16-64 MiB, and slower at 4 MiB, whose destination tends to be cached; hence the threshold."""
     n = src.nbytes
-    if n < NT_COPY_MIN_BYTES or _lib is None:
+    if n < (NT_GET_MIN_BYTES if get else NT_COPY_MIN_BYTES) or _lib is None:
         dst[:] = src
         return
     if dst.nbytes != n:
@@ -636,11 +669,11 @@ class Client:
                 index, seq, arena, offset, nbytes, meta = e
                 src = views[arena][offset:offset + nbytes]
                 if out is not None:
-                    copy_block(memoryview(out[i]).cast("B")[:nbytes], src)
+                    copy_block(memoryview(out[i]).cast("B")[:nbytes], src, get=True)
                     a = out[i]
                 else:
                     a = np.empty(nbytes, dtype=np.uint8)
-                    copy_block(memoryview(a), src)
+                    copy_block(memoryview(a), src, get=True)
                     a = _typed(a, meta)
                 if d.same(index, seq):   # the entry did not change while we copied: the bytes are that block's
                     result[i], served[i] = a, self._dir_tier
@@ -691,11 +724,11 @@ class Client:
                 if src is None:
                     result.append(None)
                 elif out is not None:
-                    copy_block(memoryview(out[i]).cast("B")[:src.nbytes], src)
+                    copy_block(memoryview(out[i]).cast("B")[:src.nbytes], src, get=True)
                     result.append(out[i])
                 else:
                     a = np.empty(src.nbytes, dtype=np.uint8)
-                    copy_block(memoryview(a), src)
+                    copy_block(memoryview(a), src, get=True)
                     result.append(_typed(a, meta))
         finally:
             self._release(reply)

@@ -448,6 +448,64 @@ def test_metrics_endpoint_serves_the_families(daemon_dir):
         d.stop()
 
 
+def test_pinned_bytes_are_bounded_per_tenant_and_per_uid(daemon_dir):
+    # A decoding session's blocks are never evicted, so one tenant (or one uid, under as many tenant names as it
+    # likes) could make the memory tiers unevictable for every other. Each is held to max_pinned_per_tenant and
+    # max_pinned_per_uid bytes, charged to the session that pinned a block first.
+    cfg = write_config(daemon_dir, extra='max_pinned_per_tenant = "64KiB"\nmax_pinned_per_uid = "96KiB"')
+    d = Daemon(daemon_dir, cfg).start()
+
+    def blk(i):
+        return block_bytes(i, 16 << 10)
+
+    def state(sid):
+        return [r["state"] for r in admin_call(d.socket, "sessions")["sessions"] if r["session"] == sid][0]
+    try:
+        with Client(d.socket, "acme") as a, Client(d.socket, "globex") as b:
+            s1 = a.register_session("first")
+            a.put(s1, [(i, "history", blk(i)) for i in range(4)])
+            a.hint(s1, "decoding")   # 64 KiB: the tenant's bound, reached
+            st = a.stats()
+            assert st["pinned_bytes"] == 64 << 10 and st["max_pinned_bytes"] == 64 << 10
+            s2 = a.register_session("second")
+            a.put(s2, [(10, "history", blk(10))])
+            with pytest.raises(DaemonError) as e:
+                a.hint(s2, "decoding")
+            assert e.value.errno == errno.EDQUOT and "max_pinned_per_tenant" in str(e.value)
+            assert state(s2) == "prefilling" and d.stats()["pinned_blocks"] == 4   # refused whole
+            with pytest.raises(DaemonError) as e:   # a decoding session's put past the bound is refused
+                a.put(s1, [(20, "input", blk(20))])
+            assert e.value.errno == errno.EDQUOT and "stored 0 of the put's 1" in str(e.value)
+            assert a.contains([20]) == [None]
+            # another tenant of the same uid has its own 64 KiB, but the uid 96 KiB in all
+            t1 = b.register_session("x")
+            b.hint(t1, "decoding")
+            with pytest.raises(DaemonError) as e:
+                b.put(t1, [(30 + i, "input", blk(30 + i)) for i in range(3)])
+            assert e.value.errno == errno.EDQUOT and "max_pinned_per_uid" in str(e.value)
+            assert "stored 2 of the put's 3" in str(e.value)
+            assert [x is not None for x in b.contains([30, 31, 32])] == [True, True, False]
+            assert b.stats()["pinned_bytes"] == 32 << 10 and d.stats()["pinned_bytes"] == 96 << 10
+            # a get cannot be refused for it: served, and the block stays in its policy (counted)
+            assert a.get(s1, [10])[0].tobytes() == blk(10)
+            assert wait_for(lambda: d.stats()["counters"]["pins_over_quota"] == 1)
+            assert d.stats()["pinned_blocks"] == 6
+            a.hint(s1, "idle")   # leaving decoding gives the bytes back
+            assert a.stats()["pinned_bytes"] == 0
+            a.hint(s2, "decoding")
+            assert a.stats()["pinned_bytes"] == 16 << 10 and state(s2) == "decoding"
+            assert b.delete([30]) == 1   # a pinned block deleted: its bytes go back too
+            assert b.stats()["pinned_bytes"] == 16 << 10
+    finally:
+        assert d.stop() == 0
+    for key in ("max_pinned_per_tenant", "max_pinned_per_uid"):
+        for value in ("0", "true", '"many"', '"150%"'):
+            p = daemon_dir / "bad.toml"
+            p.write_text(f"{key} = {value}\n")
+            out = subprocess.run([KVTIERD, "--config", str(p), "--check"], capture_output=True, text=True)
+            assert out.returncode == 2 and key in out.stderr, (value, out.stderr)
+
+
 def test_decoding_session_blocks_never_evicted(daemon):
     with Client(daemon.socket, "acme") as kv:
         hot = kv.register_session("decoding")

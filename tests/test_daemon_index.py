@@ -84,7 +84,7 @@ def test_tenant_index_matches_the_table_through_every_change():
             e.run_deferred()
             assert index(e) == grouped(e), step
             check_tiers(e)
-            assert e.pinned == {b for b in e.blocks.values() if b.pins}, step
+            assert set(e.pinned) == {b for b in e.blocks.values() if b.pins}, step
             assert e.tenant_sessions == {t: n for t in "abc" if (n := sum(1 for s in e.sessions.values()
                                                                           if s.tenant == t))}
         assert e.counters["drops"] > 0 and e.counters["dedup_puts"] > 0   # evictions and shared-salt dedups ran
@@ -107,6 +107,63 @@ def test_tenant_index_matches_the_table_through_every_change():
         e.delete("c", range(120))
         assert not e.of_tenant("c") and index(e) == grouped(e)
         check_tiers(e)
+    finally:
+        e.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_pinned_bytes_follow_every_pin_and_stay_within_the_bounds():
+    """Decoding sessions of three tenants and two uids pin and unpin blocks through puts, gets, dedups, deletes,
+    replacements and hints; the pinned bytes charged to each tenant and uid always equal those of the blocks charged
+    to it, and never pass max_pinned_per_tenant / max_pinned_per_uid (refusals are EDQUOT or ENOSPC)."""
+    import errno
+    d = short_dir()
+    rng = random.Random(11)
+    cfg = write_config(d, dram="16KiB", cxl="16KiB", nvme="480KiB", nominal="1KiB",
+                       extra='max_pinned_per_tenant = "6KiB"\nmax_pinned_per_uid = "10KiB"\n' + TENANTS)
+    e = engine(cfg)
+    try:
+        sids = []
+        refused = peak = 0
+        for step in range(600):
+            if len(sids) < 6 or rng.random() < 0.05:
+                tenant = rng.choice("abc")
+                sids.append((tenant, e.register_session(tenant, "", uid=rng.choice((1000, 1001)))))
+            tenant, sid = rng.choice(sids)
+            hashes = rng.sample(range(60), rng.randint(1, 4))
+            op = rng.random()
+            try:
+                if op < 0.4:
+                    txn, _ = e.put_reserve(tenant, sid, [[h, "history", BLOCK, None] for h in hashes], False)
+                    e.put_commit(txn)
+                elif op < 0.6:
+                    lease, _, _ = e.get(tenant, sid, hashes)
+                    e.release(lease)
+                elif op < 0.75:
+                    e.delete(tenant, hashes)
+                elif op < 0.95:
+                    e.hint(tenant, sid, rng.choice(("decoding", "decoding", "idle", "prefilling")))
+                else:
+                    e.end_session(tenant, sid)
+                    sids.remove((tenant, sid))
+            except OSError as x:
+                assert x.errno in (errno.EDQUOT, errno.ENOSPC), x
+                refused += x.errno == errno.EDQUOT
+            while e.unpin_step():
+                pass
+            e.run_deferred()
+            by_tenant, by_uid = {}, {}
+            for b, (t, uid) in e.pinned.items():
+                assert b.pins > 0 and e.blocks.get(b.key) is b, step
+                if t is not None:
+                    by_tenant[t] = by_tenant.get(t, 0) + b.nbytes
+                    by_uid[uid] = by_uid.get(uid, 0) + b.nbytes
+            assert e.pinned_bytes == by_tenant and e.uid_pinned_bytes == by_uid, step
+            assert set(e.pinned) == {b for b in e.blocks.values() if b.pins}, step
+            assert all(n <= 6 << 10 for n in by_tenant.values()) and all(n <= 10 << 10 for n in by_uid.values())
+            peak = max(peak, sum(by_uid.values()))
+        # the bounds were reached: hints and puts refused, gets served without a pin
+        assert refused > 0 and e.counters["pins_over_quota"] > 0 and peak > 10 << 10, (refused, peak)
     finally:
         e.close()
         shutil.rmtree(d, ignore_errors=True)

@@ -70,7 +70,9 @@ def render(st: dict) -> str:
              f"up {st['uptime_s']:.0f} s",
              table(rows, right={2, 3, 4, 5, 6}),
              f"sessions {st['sessions']}, blocks {st['blocks']} ({st['pinned_blocks']} pinned"
-             f"{', %d being unpinned' % st['unpinning_blocks'] if st.get('unpinning_blocks') else ''}), "
+             f"{', ' + human_bytes(st['pinned_bytes']) if st.get('pinned_bytes') else ''}"
+             f"{', %d being unpinned' % st['unpinning_blocks'] if st.get('unpinning_blocks') else ''}"
+             f"{', %d pins refused over quota' % c['pins_over_quota'] if c.get('pins_over_quota') else ''}), "
              f"hit rate {100 * st['hit_rate']:.1f}% of {c['gets']} lookups "
              f"({', '.join(f'{k} {100 * v:.1f}%' for k, v in st['hit_rate_by_tier'].items())})",
              f"puts {c['puts']} (+{c['dedup_puts']} deduplicated), demotions {c['demotions']}, promotions "
@@ -126,7 +128,9 @@ def render_tenant(st: dict) -> str:
     rows += [[t["name"], t["kind"], human_bytes(t["capacity_bytes"]), t["backend"]] for t in st["tiers"]]
     return "\n".join([f"kvtierd pid {st['pid']} on {st['socket']}, policy {st['policy']}, tenant {st['tenant']}",
                       table(rows, right={2}),
-                      f"sessions {st['sessions']}, blocks {st['blocks']} ({st['pinned_blocks']} pinned)"])
+                      f"sessions {st['sessions']}, blocks {st['blocks']} ({st['pinned_blocks']} pinned"
+                      + (f", {human_bytes(st['pinned_bytes'])} of {human_bytes(st['max_pinned_bytes'])} allowed"
+                         if "max_pinned_bytes" in st else "") + ")"])
 
 
 @click.command("status", epilog="\b\n" + __doc__[__doc__.index("Examples:"):])

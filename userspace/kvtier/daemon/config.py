@@ -15,6 +15,9 @@
     max_sessions_per_uid = 262144         # ... and a uid, in all tenants (any name is a tenant unless configured)
     max_connections_per_uid = 1024        # connections one uid may hold open: beyond, a new one is refused
                                           # (EDQUOT), so one user cannot take every descriptor the daemon has
+    max_pinned_per_tenant = "50%"         # bytes a tenant's decoding sessions may pin (never evicted): bytes or
+                                          # % of the memory tiers' capacity; beyond, a decoding hint or put is EDQUOT
+    max_pinned_per_uid = "50%"            # ... and a uid's sessions, in all tenants
 
     [blocks]
     min_bytes = 1
@@ -79,12 +82,15 @@ DEFAULT_NVME_FRACTION = 0.5    # of the state directory's free disk
 DEFAULT_FREE_TARGET = "2%"     # of a memory tier with a tier below: reclaimed in the background (Engine.reclaim)
 DEFAULT_MAX_SESSIONS = 65536   # per tenant: a client that never ends its sessions cannot grow the daemon for ever
 DEFAULT_MAX_UID_SESSIONS = 262144   # per uid, in every tenant: unconfigured tenants are any name
+# Pinned bytes (a decoding session's blocks, out of every policy) per tenant and per uid, of the memory tiers'
+# capacity: one tenant cannot make the first tiers unevictable for the others.
+DEFAULT_MAX_PINNED = "50%"
 DEFAULT_MAX_CONNECTIONS = 1024   # per uid: one user's leaked connections cannot use up the daemon's descriptors
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
 _TOP_KEYS = {"socket", "group", "socket_mode", "state_dir", "policy", "metrics", "blocks", "tiers", "tenants",
-             "shutdown_flush_s", "max_sessions_per_tenant", "max_sessions_per_uid",
-             "max_connections_per_uid",
+             "shutdown_flush_s", "max_sessions_per_tenant", "max_sessions_per_uid", "max_connections_per_uid",
+             "max_pinned_per_tenant", "max_pinned_per_uid",
              "busy_poll_us", "gc_freeze", "admins", "cluster", "probes"}
 
 
@@ -136,6 +142,8 @@ class Config:
     max_sessions_per_tenant: int = DEFAULT_MAX_SESSIONS   # open sessions per tenant (register_session: EDQUOT)
     max_sessions_per_uid: int = DEFAULT_MAX_UID_SESSIONS   # open sessions per peer uid, in all tenants (EDQUOT)
     max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS   # open connections per peer uid (beyond: EDQUOT)
+    max_pinned_per_tenant: int = 1 << 62   # bytes a tenant's decoding sessions may pin (load: DEFAULT_MAX_PINNED)
+    max_pinned_per_uid: int = 1 << 62      # ... a uid's sessions, in all tenants
     admin_uids: tuple = ()   # besides root and the daemon's uid (tuples: --check prints them as JSON lists)
     admin_gids: tuple = ()
     cluster: object = None   # kvtier.store.cluster.ClusterConfig when [cluster] is configured
@@ -304,6 +312,9 @@ def from_dict(d: dict, source: str) -> Config:
 
     absent_tiers: list = []
     tiers = _tiers(d.get("tiers"), state_dir, w, absent_tiers)
+    memory_bytes = sum(t.capacity_bytes for t in tiers if t.kind != "nvme")
+    for key in ("max_pinned_per_tenant", "max_pinned_per_uid"):
+        limits[key] = parse_size(d.get(key, DEFAULT_MAX_PINNED), f"{w}{key}", memory_bytes)
     tenants = {}
     for name, t in d.get("tenants", {}).items():
         where = f"{w}tenants.{name}."

@@ -149,7 +149,11 @@ class Engine:
         self.by_tenant: dict[str | None, dict[bytes, Block]] = {}
         self.tier_blocks = [0] * len(tiers)   # stored blocks by b.tier (a tier's own count includes copies)
         self.by_bid: dict[int, Block] = {}
-        self.pinned: set[Block] = set()   # blocks with pins (kept so status counts them without a scan)
+        # blocks with pins -> (tenant, uid) charged for their bytes: the session that pinned them first (None, None:
+        # kvctl pin); kept so status counts them without a scan
+        self.pinned: dict[Block, tuple] = {}
+        self.pinned_bytes: dict = {}       # tenant -> bytes of the blocks charged to it (max_pinned_per_tenant)
+        self.uid_pinned_bytes: dict = {}   # uid -> the same, in every tenant (max_pinned_per_uid)
         self.sessions: dict[int, Session] = {}
         self.tenant_sessions: dict[str, int] = {}   # tenant -> its registered sessions (status without a scan)
         self.uid_sessions: dict[int, int] = {}      # uid -> the sessions it registered, in every tenant
@@ -159,7 +163,7 @@ class Engine:
         self.moves: deque = deque(maxlen=MOVES_KEPT)
         self.counters = {"puts": 0, "dedup_puts": 0, "gets": 0, "misses": 0, "demotions": 0, "promotions": 0,
                          "drops": 0, "bytes_moved": 0, "prefetches": 0, "reclaim_batches": 0,
-                         "writeback_blocks": 0, "touched": 0}
+                         "writeback_blocks": 0, "touched": 0, "pins_over_quota": 0}
         self.hits_by_tier = [0] * len(tiers)
         self.evictions: dict[str, int] = {}
         self.set_free_targets([getattr(tc, "free_target_bytes", 0) for tc in cfg.tiers])
@@ -745,7 +749,7 @@ class Engine:
         if old is not None:
             self._unindex(old)
             if old is not b:
-                self.pinned.discard(old)   # replaced: no longer stored
+                self._uncharge_pin(old)   # replaced: no longer stored
         self.blocks[b.key] = b
         self.by_bid[b.bid] = b
         self._index(b)
@@ -801,7 +805,7 @@ class Engine:
         gone = self.blocks.pop(b.key, None)
         if gone is not None:
             self._unindex(gone)
-        self.pinned.discard(b)
+        self._uncharge_pin(b)
         self.by_bid.pop(b.bid, None)
         for sid in b.sessions:
             s = self.sessions.get(sid)
@@ -914,10 +918,12 @@ class Engine:
                     b.btype = BLOCK_TYPES.get(btype, btype) if isinstance(btype, str) else int(btype)
         was, asked = s.state, state
         if state == "decoding" and was != "decoding":
-            for key in list(s.blocks):   # pinned where they are: the get before decoding brought them up
-                b = self.blocks.get(key)
-                if b is not None:
-                    self._pin(b)
+            held = [b for b in map(self.blocks.get, s.blocks) if b is not None]
+            _, over = self._pin_room(s, [b for b in held if b not in self.pinned])
+            if over is not None:
+                raise err(*over)   # nothing changed: the session stays as it was
+            for b in held:   # pinned where they are: the get before decoding brought them up
+                self._pin(b, s)
             if self.gpu is not None:
                 self.gpu.decoding(s)   # its GPU-resident blocks: prefetched to the GPU again
         elif state != "decoding" and was == "decoding":
@@ -964,7 +970,10 @@ class Engine:
         if self.gpu is not None:
             self.gpu.shared(b)
         if s.state == "decoding":
-            self._pin(b)
+            if b in self.pinned or self._pin_room(s, [b])[1] is None:
+                self._pin(b, s)
+            else:   # a get cannot be refused for it: the block is served and stays in its policy
+                self.counters["pins_over_quota"] += 1
 
     def unpin_step(self, budget_s: float = UNPIN_STEP_S) -> bool:
         """Unpin the blocks of sessions that left decoding, and pass on the hints given after them, for up to
@@ -981,17 +990,63 @@ class Engine:
                 break
         return bool(q)
 
-    def _pin(self, b: Block) -> None:
+    def _pin(self, b: Block, s: Session | None = None) -> None:
+        """Pin b for session s (None: kvctl pin, charged to no one)."""
         b.pins += 1
-        self.pinned.add(b)
+        self._charge_pin(b, s)
         self._take_out(b)
 
     def _unpin(self, b: Block) -> None:
         if b.pins > 0:
             b.pins -= 1
             if not b.pins:
-                self.pinned.discard(b)
+                self._uncharge_pin(b)
         self._put_back(b)
+
+    def _charge_pin(self, b: Block, s: Session | None) -> None:
+        """b's first pin: its bytes count against the pinning session's tenant and uid until its last pin goes."""
+        if b in self.pinned:
+            return
+        who = self.pinned[b] = (None, None) if s is None else (s.tenant, s.uid)
+        for counts, k in ((self.pinned_bytes, who[0]), (self.uid_pinned_bytes, who[1])):
+            if k is not None:
+                counts[k] = counts.get(k, 0) + b.nbytes
+
+    def _uncharge_pin(self, b: Block) -> None:
+        who = self.pinned.pop(b, None)
+        if who is None:
+            return
+        for counts, k in ((self.pinned_bytes, who[0]), (self.uid_pinned_bytes, who[1])):
+            if k is not None:
+                left = counts.pop(k) - b.nbytes
+                if left:
+                    counts[k] = left
+
+    def _pin_room(self, s: Session, blocks: list) -> tuple[int, tuple | None]:
+        """How many of `blocks` (not pinned yet, in order) session s may pin, and (errno, why) it may not pin the
+        rest: pinned blocks are at most out_of_policy_limit(), and a tenant's and a uid's pinned bytes at most
+        max_pinned_per_tenant and max_pinned_per_uid."""
+        count_room = self.out_of_policy_limit() - len(self.pinned)
+        limits = [(self.pinned_bytes.get(s.tenant, 0), self.cfg.max_pinned_per_tenant, "max_pinned_per_tenant",
+                   f"tenant {s.tenant!r}")]
+        if s.uid is not None:
+            limits.append((self.uid_pinned_bytes.get(s.uid, 0), self.cfg.max_pinned_per_uid, "max_pinned_per_uid",
+                           f"uid {s.uid}"))
+        nbytes = 0
+        for n, b in enumerate(blocks):
+            if n >= count_room:
+                # pinned blocks are out of every policy, so the bytes alone would bound them: tiny blocks would then
+                # grow the daemon's index (~2 KiB a block) far past what the tiers' policies ever hold
+                return n, (errno.ENOSPC, f"{len(self.pinned)} blocks are pinned, and the memory tiers hold at most "
+                                         f"{self.out_of_policy_limit()} pinned (their capacity / "
+                                         f"blocks.nominal_bytes, at least {OUT_OF_POLICY_MIN_BLOCKS})")
+            nbytes += b.nbytes
+            for held, most, key, who in limits:
+                if held + nbytes > most:
+                    return n, (errno.EDQUOT, f"{who} has {held} bytes pinned by decoding sessions, and pinning "
+                                             f"{nbytes} more passes {key} ({most} bytes); let "
+                                             f"some of its sessions leave decoding first")
+        return len(blocks), None
 
     def put_reserve(self, tenant: str, sid, items: list, durable: bool) -> tuple[int, list]:
         s = self._session(tenant, sid)
@@ -1203,13 +1258,8 @@ class Engine:
         blocks = []
         failure = over = None
         decoding = s is not None and s.state == "decoding"
-        if decoding and len(self.pinned) + n > (limit := self.out_of_policy_limit()):
-            # pinned blocks are out of every policy, so the bytes alone would bound them: tiny blocks would then
-            # grow the daemon's index (~2 KiB a block) far past what the tiers' policies ever hold
-            over = (errno.ENOSPC, f"{len(self.pinned)} blocks are pinned, and the memory tiers hold at most "
-                                  f"{limit} pinned (their capacity / blocks.nominal_bytes, at least "
-                                  f"{OUT_OF_POLICY_MIN_BLOCKS})")
-            room = max(0, limit - len(self.pinned))
+        if decoding:
+            room, over = self._pin_room(s, [b for _, b in staged])
             for key, b in staged[room:]:
                 self.tiers[b.tier].abort(key)
             staged = staged[:room]
@@ -1244,7 +1294,7 @@ class Engine:
         for b in blocks:
             if decoding:   # pinned now, not after the reply: a decoding session's blocks are never victims
                 b.pins += 1
-                self.pinned.add(b)
+                self._charge_pin(b, s)
             b.out_of_policy = True   # until the policy has seen it (run_deferred)
         self._policy_work(lambda: self._admit_put(sid, tenant, blocks))
         failure = failure or over
@@ -1644,6 +1694,7 @@ class Engine:
         hits = sum(self.hits_by_tier)
         return {"policy": self.policy_name, "tiers": self.tier_rows(), "sessions": len(self.sessions),
                 "blocks": len(self.blocks), "pinned_blocks": self.pinned_blocks(),
+                "pinned_bytes": sum(b.nbytes for b in self.pinned),
                 "unpinning_blocks": sum(1 for b in self._unpins if b.__class__ is not tuple),
                 "counters": dict(self.counters), "evictions": dict(self.evictions),
                 "hit_rate": hits / gets if gets else 0.0,

@@ -85,6 +85,8 @@ MAX_LEASES_PER_CONNECTION, daemon/heat.py MAX_RANGES_PER_PROCESS); a uid holds a
 connections (config): one more is answered EDQUOT, with id 0, and closed. Slots reserved by puts and as spares,
 and blocks pinned by decoding sessions, are each at most the memory tiers' capacity / nominal_bytes and at least
 65536 (daemon/engine.py OUT_OF_POLICY_MIN_BLOCKS): a put beyond is EDQUOT, a decoding put beyond ENOSPC.
+A tenant's and a uid's pinned bytes are at most max_pinned_per_tenant / max_pinned_per_uid (config): a decoding
+hint beyond is EDQUOT (nothing changes), a decoding session's put beyond stores what fits and is EDQUOT.
 """
 from __future__ import annotations
 

@@ -406,6 +406,8 @@ class Server:
         self.cfg.max_sessions_per_tenant = new.max_sessions_per_tenant   # sessions already open stay open
         self.cfg.max_sessions_per_uid = new.max_sessions_per_uid
         self.cfg.max_connections_per_uid = new.max_connections_per_uid   # so do connections
+        # pins taken stay: a lower bound refuses only new ones
+        self.cfg.max_pinned_per_tenant, self.cfg.max_pinned_per_uid = new.max_pinned_per_tenant, new.max_pinned_per_uid
         self.engine.set_limits([t.capacity_bytes for t in new.tiers])
         self.engine.set_free_targets([t.free_target_bytes for t in new.tiers])
         log.info("reloaded %s: policy %s, capacities %s", self.config_path or "(embedded default)", new.policy,
@@ -947,7 +949,9 @@ class Server:
                             for r in eng.tier_rows()],
                   "sessions": eng.tenant_sessions.get(scope, 0),
                   "blocks": len(eng.of_tenant(scope)),
-                  "pinned_blocks": eng.pinned_blocks(scope)}
+                  "pinned_blocks": eng.pinned_blocks(scope),
+                  "pinned_bytes": eng.pinned_bytes.get(scope, 0),
+                  "max_pinned_bytes": self.cfg.max_pinned_per_tenant}
         st.update(socket=self.cfg.socket, config=self.cfg.source, pid=os.getpid(), uptime_s=time.time() - self.started,
                   admin=scope is None, absent_tiers=getattr(self.cfg, "absent_tiers", []),
                   module={"device": kmod.DEVICE_PATH, "present": os.path.exists(kmod.DEVICE_PATH),

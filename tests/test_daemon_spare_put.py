@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from daemon_proc import BACKENDS, backend_config, running_daemon, short_dir
+import kvtier.client as client_mod
 from kvtier.client import Client, DaemonError
 
 BLOCK = 16 << 10
@@ -167,3 +168,25 @@ def test_a_failed_put_without_reply_surfaces_at_the_next_call_and_leaks_nothing(
             kv.contains([2102])
         assert e.value.errno == errno.EINVAL and "3 put(s)" in str(e.value)
         assert kv.contains([2101, 2102]) == ["dram0", None]
+
+
+def test_pipelined_puts_of_one_size_give_back_the_spares_of_another(daemon):
+    """Spares of a size the engine no longer puts go back to the daemon (the general path gives them back), also
+    when its puts of the size it does put take the short path."""
+    with Client(daemon.socket, "spare-i") as kv:
+        for i in range(40):   # puts of two sizes at once: spares of both are held, until one asked for more
+            kv.put(None, [(3000 + i, "input", np.full(64, i, dtype=np.uint8)),
+                          (3100 + i, "input", np.full(128, i, dtype=np.uint8))], wait=False)
+            kv.flush()
+            last = i
+            if len(kv._spares[64]) > client_mod.PIPELINED_SPARES // 2 + 1:
+                break
+        assert set(kv._spares) == {64, 128} and len(kv._spares[64]) > client_mod.PIPELINED_SPARES // 2 + 1
+        for i in range(40):
+            kv.put(None, [(3200 + i, "input", np.full(64, i, dtype=np.uint8))], wait=False)
+            assert set(kv._spares) == {64}, i
+        kv.flush()
+        got = kv.get(None, [k + i for k in (3000, 3100, 3200) for i in range(40)])
+        assert [None if g is None else g.tobytes() for g in got] == \
+            [bytes([i]) * n if k == 3200 or i <= last else None for k, n in ((3000, 64), (3100, 128), (3200, 64))
+             for i in range(40)]

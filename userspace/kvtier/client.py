@@ -424,7 +424,9 @@ class Client:
         mv, meta = _meta(data)
         n = mv.nbytes
         held = self._spares.get(n)
-        if held is None or n >= STAGE_MIN_BYTES or len(held) <= (1 if self._unacked else _pipelined(n) // 2):
+        # (spares of another size held: the general path gives them back, as the engine now puts this size)
+        if held is None or len(self._spares) > 1 or n >= STAGE_MIN_BYTES or \
+                len(held) <= (1 if self._unacked else _pipelined(n) // 2):
             return False
         sp = held.pop()
         try:

@@ -436,6 +436,9 @@ def test_metrics_endpoint_serves_the_families(daemon_dir):
         with Client(d.socket, "acme") as kv:
             kv.put(None, [(i, "history", block_bytes(i, 16 << 10)) for i in range(40)])
             kv.get(None, list(range(45)))
+            sid = kv.register_session("decoding")
+            kv.hint(sid, "decoding")
+            kv.put(sid, [(100 + i, "history", block_bytes(i, 16 << 10)) for i in range(3)])
         port = d.stats()["metrics_port"]
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         for family in ("kvtier_tier_capacity_bytes{", "kvtier_tier_used_bytes{", "kvtier_hits_total{tier=",
@@ -444,6 +447,7 @@ def test_metrics_endpoint_serves_the_families(daemon_dir):
             assert family in text, family
         misses = [line for line in text.splitlines() if line.startswith("kvtier_misses_total")]
         assert float(misses[0].split()[-1]) >= 5
+        assert "kvtier_pinned_bytes 49152.0" in text.splitlines()   # the decoding session's 3 blocks
     finally:
         d.stop()
 

@@ -3,7 +3,8 @@
 Families: kvtier_tier_capacity_bytes / kvtier_tier_used_bytes / kvtier_tier_blocks {tier, kind} (read from the
 engine at scrape time), kvtier_hits_total {tier} (the tier that served the hit), kvtier_misses_total,
 kvtier_bytes_moved_total {src, dst}, kvtier_evictions_total {reason}, kvtier_put_bytes_total,
-kvtier_api_latency_seconds {op} (histogram), kvtier_sessions, kvtier_blocks; GPU tiers: kvtier_gpu_prefetches and
+kvtier_api_latency_seconds {op} (histogram), kvtier_sessions, kvtier_blocks, kvtier_pinned_bytes (blocks of
+decoding sessions and kvctl pins, out of every policy); GPU tiers: kvtier_gpu_prefetches and
 kvtier_gpu_prefetch_bytes {tier, direction}, kvtier_gpu_moves_in_flight {tier}.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ class _TierCollector:
         blocks = GaugeMetricFamily("kvtier_tier_blocks", "Blocks held by the tier", labels=["tier", "kind"])
         sessions = GaugeMetricFamily("kvtier_sessions", "Registered sessions")
         total = GaugeMetricFamily("kvtier_blocks", "Blocks stored (all tiers)")
+        pinned = GaugeMetricFamily("kvtier_pinned_bytes", "Bytes of pinned blocks (decoding sessions, kvctl pin)")
         qerr = GaugeMetricFamily("kvtier_quant_error", "Quantisation error measured on a tier's quantised blocks "
                                  "(max_abs, rel_rms_max, rel_rms_mean)", labels=["tier", "measure"])
         qblocks = GaugeMetricFamily("kvtier_quant_blocks", "Blocks a tier quantised, or stored exactly because "
@@ -38,10 +40,11 @@ class _TierCollector:
                                       labels=["tier", "direction"])
         gpu_flight = GaugeMetricFamily("kvtier_gpu_moves_in_flight", "GPU prefetches whose event has not completed",
                                        labels=["tier"])
-        rows = []
+        rows, pinned_bytes = [], 0
         for _ in range(3):   # the engine's loop may change its dicts meanwhile: retry a torn read
             try:
                 rows = eng.tier_rows() if eng is not None else []
+                pinned_bytes = sum(b.nbytes or 0 for b in eng.pinned) if eng is not None else 0
                 break
             except RuntimeError:
                 continue
@@ -65,7 +68,8 @@ class _TierCollector:
                     gpu_flight.add_metric([row["name"]], g["moves_in_flight"])
             sessions.add_metric([], len(eng.sessions))
             total.add_metric([], len(eng.blocks))
-        yield from (cap, used, blocks, sessions, total, qerr, qblocks, gpu_moves, gpu_bytes, gpu_flight)
+            pinned.add_metric([], pinned_bytes)
+        yield from (cap, used, blocks, sessions, total, pinned, qerr, qblocks, gpu_moves, gpu_bytes, gpu_flight)
 
 
 class _LatencyCollector:

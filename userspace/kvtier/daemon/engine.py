@@ -149,11 +149,13 @@ class Engine:
         self.by_tenant: dict[str | None, dict[bytes, Block]] = {}
         self.tier_blocks = [0] * len(tiers)   # stored blocks by b.tier (a tier's own count includes copies)
         self.by_bid: dict[int, Block] = {}
-        # blocks with pins -> (tenant, uid) charged for their bytes: the session that pinned them first (None, None:
-        # kvctl pin); kept so status counts them without a scan
+        # blocks with pins -> (tenant, uid, bytes) charged for them: the session that pinned them first (None, None:
+        # kvctl pin), and the bytes as they were then (a block recovered from NVMe has none until its header is
+        # read); kept so status counts them without a scan
         self.pinned: dict[Block, tuple] = {}
         self.pinned_bytes: dict = {}       # tenant -> bytes of the blocks charged to it (max_pinned_per_tenant)
         self.uid_pinned_bytes: dict = {}   # uid -> the same, in every tenant (max_pinned_per_uid)
+        self.pinned_bytes_total = 0        # of every pinned block (status, kvtier_pinned_bytes)
         self.sessions: dict[int, Session] = {}
         self.tenant_sessions: dict[str, int] = {}   # tenant -> its registered sessions (status without a scan)
         self.uid_sessions: dict[int, int] = {}      # uid -> the sessions it registered, in every tenant
@@ -1007,18 +1009,23 @@ class Engine:
         """b's first pin: its bytes count against the pinning session's tenant and uid until its last pin goes."""
         if b in self.pinned:
             return
-        who = self.pinned[b] = (None, None) if s is None else (s.tenant, s.uid)
-        for counts, k in ((self.pinned_bytes, who[0]), (self.uid_pinned_bytes, who[1])):
+        nbytes = b.nbytes or 0
+        tenant, uid = (None, None) if s is None else (s.tenant, s.uid)
+        self.pinned[b] = (tenant, uid, nbytes)
+        self.pinned_bytes_total += nbytes
+        for counts, k in ((self.pinned_bytes, tenant), (self.uid_pinned_bytes, uid)):
             if k is not None:
-                counts[k] = counts.get(k, 0) + b.nbytes
+                counts[k] = counts.get(k, 0) + nbytes
 
     def _uncharge_pin(self, b: Block) -> None:
-        who = self.pinned.pop(b, None)
-        if who is None:
+        charged = self.pinned.pop(b, None)
+        if charged is None:
             return
-        for counts, k in ((self.pinned_bytes, who[0]), (self.uid_pinned_bytes, who[1])):
+        tenant, uid, nbytes = charged
+        self.pinned_bytes_total -= nbytes
+        for counts, k in ((self.pinned_bytes, tenant), (self.uid_pinned_bytes, uid)):
             if k is not None:
-                left = counts.pop(k) - b.nbytes
+                left = counts.pop(k) - nbytes
                 if left:
                     counts[k] = left
 
@@ -1694,7 +1701,7 @@ class Engine:
         hits = sum(self.hits_by_tier)
         return {"policy": self.policy_name, "tiers": self.tier_rows(), "sessions": len(self.sessions),
                 "blocks": len(self.blocks), "pinned_blocks": self.pinned_blocks(),
-                "pinned_bytes": sum(b.nbytes for b in self.pinned),
+                "pinned_bytes": self.pinned_bytes_total,
                 "unpinning_blocks": sum(1 for b in self._unpins if b.__class__ is not tuple),
                 "counters": dict(self.counters), "evictions": dict(self.evictions),
                 "hit_rate": hits / gets if gets else 0.0,

@@ -40,11 +40,10 @@ class _TierCollector:
                                       labels=["tier", "direction"])
         gpu_flight = GaugeMetricFamily("kvtier_gpu_moves_in_flight", "GPU prefetches whose event has not completed",
                                        labels=["tier"])
-        rows, pinned_bytes = [], 0
+        rows = []
         for _ in range(3):   # the engine's loop may change its dicts meanwhile: retry a torn read
             try:
                 rows = eng.tier_rows() if eng is not None else []
-                pinned_bytes = sum(b.nbytes or 0 for b in eng.pinned) if eng is not None else 0
                 break
             except RuntimeError:
                 continue
@@ -68,7 +67,7 @@ class _TierCollector:
                     gpu_flight.add_metric([row["name"]], g["moves_in_flight"])
             sessions.add_metric([], len(eng.sessions))
             total.add_metric([], len(eng.blocks))
-            pinned.add_metric([], pinned_bytes)
+            pinned.add_metric([], eng.pinned_bytes_total)
         yield from (cap, used, blocks, sessions, total, pinned, qerr, qblocks, gpu_moves, gpu_bytes, gpu_flight)
 
 

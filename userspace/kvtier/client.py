@@ -83,8 +83,7 @@ class DaemonError(OSError):
 def copy_block(dst: memoryview, src: memoryview, get: bool = False) -> None:
     """dst[:] = src, with non-temporal stores from NT_COPY_MIN_BYTES up (NT_GET_MIN_BYTES for a get: kvt_copy_nt).
     Measured here (2026-11-22) into destinations not in cache: 8 MiB at ~40 GB/s against ~27 for memcpy, 64 MiB at
-    ~25 against ~18. Through the API, where a put often reuses the slot just freed: equal at 8 MiB, 1.3-1.6x
-    faster at 16-64 MiB, and slower at 4 MiB, whose destination tends to be cached; hence the threshold."""
+    ~25 against ~18; into a cached one they lose until the copy outgrows the cache (see the thresholds)."""
     n = src.nbytes
     if n < (NT_GET_MIN_BYTES if get else NT_COPY_MIN_BYTES) or _lib is None:
         dst[:] = src
